@@ -1,0 +1,80 @@
+"""Capture: one module per source of facts (torch, cpu, gpu, git, env vars, packages, arguments).
+
+``static_facts`` gathers what cannot change during a process (versions, CPU identity) once;
+``environment`` adds the per-call facts (env vars, git state, GPU fields torch filled in).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The environment sections of a manifest plus the artifacts that go beside it."""
+
+    cpu: dict[str, Any]
+    gpu: dict[str, Any]
+    software: dict[str, Any]
+    env_vars: dict[str, Any]
+    git: dict[str, Any]
+    git_diff: str | None
+    requirements: str
+
+
+@functools.lru_cache(maxsize=1)
+def _static() -> tuple[dict[str, Any], dict[str, Any], str]:
+    from . import cpu, packages, torch_state
+
+    requirements = packages.requirements_text()
+    software = {
+        **packages.platform_info(),
+        "torch": torch_state.torch_software(),
+        "packages": packages.package_versions(),
+        "distributions_count": len(packages.installed_distributions()),
+        "distributions_sha256": hashlib.sha256(requirements.encode()).hexdigest(),
+    }
+    cpu_section = {**cpu.capture_cpu(), **torch_state.torch_cpu_facts()}
+    return software, cpu_section, requirements
+
+
+def static_facts() -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(software, cpu, requirements.txt text), computed once per process, copied per call."""
+    import copy
+
+    return copy.deepcopy(_static())
+
+
+def clear_cache() -> None:
+    """Forget the static facts (tests that change the installed set or the CPU stand-ins)."""
+    _static.cache_clear()
+
+
+def environment(source_path: Path | None, *, with_git: bool = True) -> Environment:
+    """Everything about this process and machine that can change a call's output bits."""
+    from . import envvars, git, gpu
+
+    software, cpu_section, requirements = static_facts()
+    git_section, diff = git.capture_git(source_path or Path.cwd()) if with_git else (_no_git(), None)
+    return Environment(
+        cpu=cpu_section,
+        gpu=gpu.capture_gpu(),
+        software=software,
+        env_vars=envvars.capture_env_vars(),
+        git=git_section,
+        git_diff=diff,
+        requirements=requirements,
+    )
+
+
+def _no_git() -> dict[str, Any]:
+    return {"available": False, "reason": "git capture was turned off", "root": None, "commit": None,
+            "branch": None, "remote_url": None, "dirty": None, "untracked": [],
+            "untracked_truncated": False, "diff_sha256": None, "diff_bytes": 0, "diff_truncated": False}

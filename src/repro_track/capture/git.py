@@ -1,0 +1,264 @@
+"""Source-code provenance from git: commit, branch, remote, dirty state and the diff.
+
+All state comes from one ``git status --porcelain=v2`` call, plus ``git diff HEAD`` only
+when tracked files changed, so a clean tree costs a single subprocess. Nothing recorded
+names a place on this machine: the working-tree root is never stored, remotes that are
+local paths are dropped, and credentials are stripped from remote URLs.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import logging
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger(__name__)
+
+_NOT_INSTALLED = "GitPython is not installed (pip install GitPython)"
+_NOT_A_REPO = "not inside a git repository"
+
+MAX_DIFF_BYTES = 1024 * 1024
+MAX_UNTRACKED = 200
+
+# Schemes where a bare user name is an account, not a secret (ssh://git@host/...).
+_USER_NAME_SCHEMES = frozenset({"ssh", "git+ssh", "ssh+git"})
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def capture_git(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
+    """Describe the git working tree containing ``path``.
+
+    Returns ``(section, diff_text)`` where ``diff_text`` is ``git diff HEAD`` (capped at
+    1 MiB) or None when there are no tracked changes. Never raises: when git cannot be
+    read, the section has ``available`` False and a ``reason``.
+    """
+    try:
+        import git
+    except ImportError as exc:
+        log.debug("GitPython import failed: %r", exc)
+        return _section(False, _NOT_INSTALLED), None
+    except Exception as exc:
+        # GitPython raises at import time when no git executable can be found.
+        log.debug("GitPython could not start: %r", exc)
+        return _section(False, f"GitPython could not start: git executable not usable ({type(exc).__name__})"), None
+
+    try:
+        repo = _open_repo(git, path)
+    except Exception as exc:
+        log.debug("no repository for %r: %r", path, exc)
+        if isinstance(exc, getattr(git, "NoSuchPathError", ())):
+            return _section(False, "path does not exist"), None
+        return _section(False, _NOT_A_REPO), None
+
+    with repo:
+        if repo.bare or repo.working_tree_dir is None:
+            return _section(False, "repository has no working tree (bare)"), None
+        try:
+            return _capture(repo)
+        except Exception as exc:
+            log.debug("git capture failed: %r", exc)
+            return _section(False, _failure_reason(exc)), None
+
+
+def repo_root(path: str | os.PathLike[str]) -> Path | None:
+    """The working-tree root of the repository containing ``path``, or None."""
+    try:
+        import git
+
+        with _open_repo(git, path) as repo:
+            return None if repo.working_tree_dir is None else Path(repo.working_tree_dir)
+    except Exception as exc:
+        log.debug("no repository root for %r: %r", path, exc)
+        return None
+
+
+def strip_credentials(url: str) -> str:
+    """Remove user info that may carry secrets, the query string and the fragment.
+
+    ``https://user:token@host/x.git?private_token=t`` -> ``https://host/x.git``. For ssh
+    URLs a user name without a password is kept (it is the login, e.g. ``git``).
+    scp-like ``git@host:org/repo.git`` and local paths are returned unchanged.
+    """
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # Unparseable (e.g. a bad IPv6 literal): keep only what precedes user info/query.
+        scheme, _, rest = url.partition("://")
+        rest = rest.rsplit("@", 1)[-1]
+        return f"{scheme}://{re.split(r'[?#]', rest, maxsplit=1)[0]}"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        keep_user = parts.scheme.lower() in _USER_NAME_SCHEMES and not has_password and user
+        netloc = f"{user}@{host}" if keep_user else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _open_repo(git: Any, path: str | os.PathLike[str]) -> Any:
+    target = Path(path)
+    if target.is_file():
+        target = target.parent
+    return git.Repo(target, search_parent_directories=True)
+
+
+def _section(available: bool, reason: str | None, **facts: Any) -> dict[str, Any]:
+    section: dict[str, Any] = {
+        "available": available,
+        "reason": reason,
+        "root": None,
+        "commit": None,
+        "branch": None,
+        "remote_url": None,
+        "dirty": None,
+        "untracked": [],
+        "untracked_truncated": False,
+        "diff_sha256": None,
+        "diff_bytes": 0,
+        "diff_truncated": False,
+    }
+    section.update(facts)
+    return section
+
+
+def _capture(repo: Any) -> tuple[dict[str, Any], str | None]:
+    # Don't take the index lock to refresh stat info: the user's own git commands may be
+    # running at the same time.
+    repo.git.set_persistent_git_options(no_optional_locks=True)
+    raw_status = repo.git.status(
+        "--porcelain=v2",
+        "--branch",
+        "-z",
+        "--untracked-files=all",
+        stdout_as_string=False,
+        strip_newline_in_stdout=False,
+    )
+    status = _parse_status(raw_status)
+    untracked = sorted(status["untracked"])
+
+    diff_text: str | None = None
+    diff_facts: dict[str, Any] = {}
+    if status["tracked_changes"]:
+        raw_diff = _diff_against_head(repo, status["commit"])
+        if raw_diff:
+            diff_text, diff_facts = _diff_facts(raw_diff)
+
+    section = _section(
+        True,
+        None,
+        commit=status["commit"],
+        branch=status["branch"],
+        remote_url=_remote_url(repo),
+        dirty=status["tracked_changes"],
+        untracked=untracked[:MAX_UNTRACKED],
+        untracked_truncated=len(untracked) > MAX_UNTRACKED,
+        **diff_facts,
+    )
+    return section, diff_text
+
+
+def _parse_status(raw: bytes) -> dict[str, Any]:
+    """Commit, branch, tracked-change flag and untracked paths from porcelain v2 -z."""
+    commit: str | None = None
+    branch: str | None = None
+    tracked_changes = False
+    untracked: list[str] = []
+    entries = raw.split(b"\0")
+    skip_next = False
+    for entry in entries:
+        if skip_next:
+            # A rename/copy record ("2 ...") is followed by its original path.
+            skip_next = False
+            continue
+        if not entry:
+            continue
+        line = entry.decode("utf-8", errors="replace")
+        if line.startswith("# branch.oid "):
+            oid = line[len("# branch.oid "):]
+            commit = None if oid == "(initial)" else oid
+        elif line.startswith("# branch.head "):
+            head = line[len("# branch.head "):]
+            branch = None if head == "(detached)" else head
+        elif line.startswith("? "):
+            untracked.append(line[2:])
+        elif line[:2] in ("1 ", "2 ", "u "):
+            tracked_changes = True
+            skip_next = line.startswith("2 ")
+    return {"commit": commit, "branch": branch, "tracked_changes": tracked_changes, "untracked": untracked}
+
+
+def _diff_against_head(repo: Any, commit: str | None) -> bytes:
+    # Before the first commit there is no HEAD; the empty tree stands in for it so staged
+    # files still show up, as they would in `git diff HEAD` after an initial commit.
+    base = commit or _empty_tree(repo)
+    # Pin options that user config could change, so the diff is a plain applicable patch.
+    return repo.git.diff(
+        base,
+        "--no-color",
+        "--no-ext-diff",
+        "--no-textconv",
+        "--src-prefix=a/",
+        "--dst-prefix=b/",
+        stdout_as_string=False,
+        strip_newline_in_stdout=False,
+    )
+
+
+def _empty_tree(repo: Any) -> str:
+    # Computed rather than hard-coded: SHA-256 repositories have a different empty tree.
+    return repo.git.hash_object("-t", "tree", "--stdin", istream=subprocess.DEVNULL).strip()
+
+
+def _diff_facts(raw: bytes) -> tuple[str, dict[str, Any]]:
+    truncated = len(raw) > MAX_DIFF_BYTES
+    kept = raw[:MAX_DIFF_BYTES] if truncated else raw
+    # An incremental decoder holds back a multi-byte character cut in half by the cap
+    # instead of turning it into a replacement character.
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(kept, final=not truncated)
+    return text, {
+        "diff_sha256": hashlib.sha256(raw).hexdigest(),
+        "diff_bytes": len(raw),
+        "diff_truncated": truncated,
+    }
+
+
+def _remote_url(repo: Any) -> str | None:
+    try:
+        remotes = list(repo.remotes)
+        if not remotes:
+            return None
+        chosen = next((r for r in remotes if r.name == "origin"), remotes[0])
+        url = str(chosen.config_reader.get("url"))
+    except Exception as exc:
+        log.debug("no remote URL: %r", exc)
+        return None
+    if _is_local_path(url):
+        # A path on this machine identifies the machine, not the code.
+        return None
+    return strip_credentials(url)
+
+
+def _is_local_path(url: str) -> bool:
+    return (
+        url.startswith(("/", "~", "\\\\", "file:"))
+        or bool(_WINDOWS_DRIVE.match(url))
+        or ("://" not in url and ":" not in url)
+    )
+
+
+def _failure_reason(exc: BaseException) -> str:
+    stderr = getattr(exc, "stderr", "") or ""
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode("utf-8", errors="replace")
+    if "dubious ownership" in stderr:
+        return "git refused the repository: dubious ownership (see git config safe.directory)"
+    # stderr can quote absolute paths, so only the exception type goes into the manifest.
+    return f"git could not read the repository ({type(exc).__name__})"

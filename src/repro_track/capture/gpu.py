@@ -1,0 +1,265 @@
+"""NVIDIA GPU identity through NVML (``pynvml`` from the nvidia-ml-py package).
+
+NVML is used instead of ``torch.cuda`` because querying torch would initialise CUDA in
+the user's process, which changes state their generation may depend on (the CUDA context,
+memory pools, lazily loaded modules). torch is only read when the caller's code has
+already initialised CUDA.
+
+Init/shutdown policy: NVML reference-counts ``nvmlInit``/``nvmlShutdown`` (both in the C
+library and in pynvml's ``_nvmlLib_refcount``), so each capture makes one balanced
+init/shutdown pair. Keeping our own session open would be cheaper, but it would hold NVML
+for the life of the process and could be torn down under us by a third party calling
+``nvmlShutdown`` more often than it initialised; a balanced pair never disturbs anyone
+else's session. Because the identity is cached per process, the pair runs only once.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import os
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_NOT_INSTALLED = "pynvml is not installed (pip install nvidia-ml-py)"
+
+# NVML error class name -> readable cause for the "NVML could not start" reason.
+_START_FAILURES: dict[str, str] = {
+    "NVMLError_LibraryNotFound": "no NVIDIA driver on this machine",
+    "NVMLError_DriverNotLoaded": "the NVIDIA kernel driver is not loaded",
+    "NVMLError_NoPermission": "no permission to use the NVIDIA driver",
+    "NVMLError_LibRmVersionMismatch": "the NVML library and the kernel driver versions differ",
+    "NVMLError_FunctionNotFound": "the NVML library is too old for pynvml",
+}
+
+
+def capture_gpu() -> dict[str, Any]:
+    """Return the GPU section: driver, CUDA driver version and one entry per NVIDIA GPU.
+
+    Never raises and never initialises CUDA. Without NVML the section says why, with
+    ``available`` False.
+    """
+    section = copy.deepcopy(_static_gpu())
+    if section["available"] and section["devices"]:
+        try:
+            _fill_from_torch(section["devices"])
+        except Exception as exc:  # torch is optional extra detail, never a failure
+            log.debug("could not read device properties from torch: %r", exc)
+    return section
+
+
+def clear_cache() -> None:
+    """Forget the cached NVML identity (for tests that swap the ``pynvml`` module)."""
+    _static_gpu.cache_clear()
+
+
+def _nvml() -> Any:
+    """Import and return the ``pynvml`` module: the single seam tests replace."""
+    import pynvml
+
+    return pynvml
+
+
+def _unavailable(reason: str) -> dict[str, Any]:
+    return {
+        "available": False,
+        "reason": reason,
+        "driver_version": None,
+        "cuda_driver_version": None,
+        "devices": [],
+    }
+
+
+def _text(value: Any) -> str:
+    """pynvml returns bytes before 11.5 and str after; the manifest wants str."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _error_name(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+def _is_not_supported(exc: BaseException, nvml: Any) -> bool:
+    code = getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", None)
+    return _error_name(exc) == "NVMLError_NotSupported" or (
+        code is not None and getattr(exc, "value", None) == code
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _static_gpu() -> dict[str, Any]:
+    """Driver and device identity, read once per process through NVML."""
+    try:
+        nvml = _nvml()
+    except ImportError as exc:
+        log.debug("pynvml import failed: %r", exc)
+        return _unavailable(_NOT_INSTALLED)
+    except Exception as exc:
+        log.debug("pynvml import failed: %r", exc)
+        return _unavailable(f"pynvml could not be imported ({_error_name(exc)})")
+
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:
+        log.debug("nvmlInit failed: %r", exc)
+        name = _error_name(exc)
+        cause = _START_FAILURES.get(name) or str(exc) or "unknown error"
+        return _unavailable(f"NVML could not start: {cause} ({name})")
+
+    try:
+        return _read_identity(nvml)
+    except Exception as exc:
+        log.debug("NVML query failed: %r", exc)
+        return _unavailable(f"NVML query failed: {exc} ({_error_name(exc)})")
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception as exc:
+            log.debug("nvmlShutdown failed: %r", exc)
+
+
+def _read_identity(nvml: Any) -> dict[str, Any]:
+    driver = _text(nvml.nvmlSystemGetDriverVersion())
+    count = int(nvml.nvmlDeviceGetCount())
+    devices = []
+    for index in range(count):
+        try:
+            devices.append(_read_device(nvml, index))
+        except Exception as exc:
+            # One unreadable GPU (fallen off the bus, reset in progress) should not hide
+            # the others; it is left out of the list.
+            log.debug("could not read GPU %d: %r", index, exc)
+    return {
+        "available": True,
+        "reason": None,
+        "driver_version": driver,
+        "cuda_driver_version": _cuda_driver_version(nvml),
+        "devices": devices,
+    }
+
+
+def _cuda_driver_version(nvml: Any) -> str | None:
+    """'12.4' from NVML's integer 12040; older pynvml only has the non-_v2 call."""
+    getter = getattr(nvml, "nvmlSystemGetCudaDriverVersion_v2", None) or getattr(
+        nvml, "nvmlSystemGetCudaDriverVersion", None
+    )
+    if getter is None:
+        return None
+    try:
+        return _format_cuda_version(int(getter()))
+    except Exception as exc:
+        log.debug("CUDA driver version unavailable: %r", exc)
+        return None
+
+
+def _format_cuda_version(version: int) -> str:
+    """Format NVML/CUDA's ``1000 * major + 10 * minor`` integer as "major.minor"."""
+    return f"{version // 1000}.{(version % 1000) // 10}"
+
+
+def _read_device(nvml: Any, index: int) -> dict[str, Any]:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+    return {
+        "index": index,
+        "name": _text(nvml.nvmlDeviceGetName(handle)),
+        "uuid": _text(nvml.nvmlDeviceGetUUID(handle)),
+        "compute_capability": f"{int(major)}.{int(minor)}",
+        "sm_count": _sm_count(nvml, handle),
+        "max_threads_per_sm": None,
+        "memory_total_bytes": int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+        "mig_mode": _mig_mode(nvml, handle),
+    }
+
+
+def _sm_count(nvml: Any, handle: Any) -> int | None:
+    # nvmlDeviceGetAttributes is documented for MIG devices; on full GPUs some drivers
+    # answer NOT_SUPPORTED or 0, so anything but a positive count means "unknown".
+    getter = getattr(nvml, "nvmlDeviceGetAttributes", None)
+    if getter is None:
+        return None
+    try:
+        count = int(getter(handle).multiprocessorCount)
+    except Exception as exc:
+        log.debug("nvmlDeviceGetAttributes unavailable: %r", exc)
+        return None
+    return count if count > 0 else None
+
+
+def _mig_mode(nvml: Any, handle: Any) -> str:
+    try:
+        current, _pending = nvml.nvmlDeviceGetMigMode(handle)
+    except Exception as exc:
+        if not _is_not_supported(exc, nvml):
+            log.debug("nvmlDeviceGetMigMode failed: %r", exc)
+        return "unsupported"
+    enabled = getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1)
+    return "enabled" if current == enabled else "disabled"
+
+
+def _fill_from_torch(devices: list[dict[str, Any]]) -> None:
+    """Add torch's SM facts, but only if the caller's code already initialised CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    cuda = getattr(torch, "cuda", None)
+    if cuda is None or not cuda.is_initialized():
+        return
+    props = []
+    for index in range(cuda.device_count()):
+        prop = cuda.get_device_properties(index)
+        uuid = getattr(prop, "uuid", None)
+        props.append(
+            {
+                "index": index,
+                "uuid": None if uuid is None else str(uuid),
+                "name": str(getattr(prop, "name", "")),
+                "sm_count": getattr(prop, "multi_processor_count", None),
+                "max_threads_per_sm": getattr(prop, "max_threads_per_multi_processor", None),
+            }
+        )
+    _merge_torch_properties(devices, props, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _uuid_key(uuid: str | None) -> str | None:
+    # NVML says "GPU-6f2a...", torch's str(props.uuid) omits the prefix.
+    if not uuid:
+        return None
+    key = uuid.strip().lower()
+    for prefix in ("gpu-", "mig-"):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _merge_torch_properties(
+    devices: list[dict[str, Any]],
+    torch_props: list[dict[str, Any]],
+    cuda_visible_devices: str | None,
+) -> None:
+    """Fill ``sm_count``/``max_threads_per_sm`` of NVML ``devices`` from torch's view.
+
+    Devices are matched by UUID. Without UUIDs, torch's index is trusted only when it
+    must equal NVML's: CUDA_VISIBLE_DEVICES unset, the same number of devices, and the
+    same name at that index (CUDA orders devices fastest-first, NVML by PCI bus, so
+    indices agree reliably only among identical GPUs, where the values agree anyway).
+    """
+    by_uuid = {_uuid_key(p.get("uuid")): p for p in torch_props if _uuid_key(p.get("uuid"))}
+    index_ok = cuda_visible_devices is None and len(torch_props) == len(devices)
+    for position, device in enumerate(devices):
+        match = by_uuid.get(_uuid_key(device.get("uuid")))
+        if match is None and not by_uuid and index_ok:
+            candidate = torch_props[position]
+            if candidate.get("name") == device.get("name"):
+                match = candidate
+        if match is None:
+            continue
+        for key in ("sm_count", "max_threads_per_sm"):
+            value = match.get(key)
+            if isinstance(value, int) and value > 0:
+                device[key] = value

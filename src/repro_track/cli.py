@@ -1,0 +1,197 @@
+"""The ``repro-track`` command: the only code that prints or exits.
+
+Known errors become one line on stderr and exit 2; set REPRO_TRACK_DEBUG=1 for the traceback.
+Heavy modules load inside each command, so ``repro-track --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .errors import ReproTrackError
+
+EXIT_BAD_INPUT = 2
+
+
+def _progress(quiet: bool) -> Callable[[str], None]:
+    def emit(message: str) -> None:
+        if not quiet:
+            print(f"repro-track: {message}", file=sys.stderr, flush=True)
+    return emit
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "-" if value is None else str(value)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- replay
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import replay
+
+    report = replay(args.run, tracking_uri=args.tracking_uri, project_dir=args.project_dir,
+                    dry_run=args.dry_run, atol=args.atol, rtol=args.rtol, log=not args.no_log,
+                    force=args.force, progress=_progress(args.json))
+    if args.json:
+        print(json.dumps(report.to_dict(), sort_keys=True))
+        return report.exit_code
+    print(f"run        {report.run_id}")
+    print(f"expected   {report.expected}")
+    for reason in report.reasons:
+        print(f"  - {reason}")
+    if report.dry_run:
+        print("plan (dry run, nothing was run):")
+        for line in report.plan:
+            print(f"  {line}")
+        return report.exit_code
+    if report.observed is None:
+        print("observed   not rerun: the initial noise cannot be regenerated here (use --force to try)")
+        return report.exit_code
+    print(f"observed   {report.observed}   ({'OK' if report.ok else 'WORSE THAN EXPECTED'})")
+    if report.outputs:
+        rows = [[n, c.bitwise_equal, c.max_abs_diff, c.mean_abs_diff, c.within_tolerance]
+                for n, c in report.outputs.items()]
+        print(_table(["output", "bitwise", "max |diff|", "mean |diff|", "in tolerance"], rows))
+    if report.replay_run_id:
+        print(f"replay run {report.replay_run_id}")
+    return report.exit_code
+
+
+# ---------------------------------------------------------------- show
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from . import store, tags
+
+    client = store.client_for(args.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = store.load_run(client, args.run, Path(tmp))
+    m = loaded.manifest.to_dict()
+    replays = [r for r in loaded.run_tags.get(tags.REPLAYS, "").split(",") if r]
+    if args.json:
+        print(json.dumps({"run_id": loaded.run_id, "manifest": m, "replays": replays}, sort_keys=True))
+        return 0
+    print(_show_text(loaded.run_id, m, replays, loaded.run_tags))
+    return 0
+
+
+def _show_text(run_id: str, m: dict[str, Any], replays: list[str], run_tags: dict[str, str]) -> str:
+    from .card import record_card
+
+    lines = [record_card(m, run_id).replace("**", "").replace("### ", "")]
+    lines.append("")
+    lines.append("generators:")
+    for g in m["randomness"]["generators"]:
+        lines.append(f"  {g['argument']}[{g['position'] if g['position'] is not None else ''}] "
+                     f"{g['device']} seed {g['initial_seed']} state {g['state_sha256'][:16]} "
+                     f"{'fresh' if g['fresh'] else 'consumed before the call'}")
+    lines.append("knobs: " + ", ".join(f"{k}={v}" for k, v in sorted(m["determinism"].items())
+                                       if k != "sdp"))
+    lines.append(f"git: {m['git'].get('commit') or m['git'].get('reason')}"
+                 f"{' (dirty)' if m['git'].get('dirty') else ''}")
+    if replays:
+        lines.append("replays:")
+        lines += [f"  {line}" for line in json.loads(run_tags.get("repro.replay_lines", "[]"))]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- sync
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from . import spool, store
+
+    client = store.client_for(args.tracking_uri)
+    uploaded = failed = 0
+    for entry in spool.pending():
+        if args.tracking_uri is None and entry.meta.get("tracking_uri"):
+            target = store.client_for(entry.meta["tracking_uri"])
+        else:
+            target = client
+        try:
+            run_id = store.upload(target, entry, dedupe=True)
+        except Exception as exc:
+            failed += 1
+            print(f"repro-track: could not upload {entry.path.name}: {exc}", file=sys.stderr)
+            continue
+        spool.delivered(entry)
+        uploaded += 1
+        print(f"{entry.recording_id} -> run {run_id}")
+    print(f"uploaded {uploaded}, failed {failed}", file=sys.stderr)
+    return 0 if failed == 0 else 1
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command."""
+    parser = argparse.ArgumentParser(
+        prog="repro-track",
+        description="Record, replay and explain diffusion-model generations bit for bit.")
+    parser.add_argument("--version", action="version", version=f"repro-track {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                                              "else MLflow's default sqlite:///mlflow.db)")
+        p.add_argument("--json", action="store_true", help="print one JSON object for machines")
+
+    p = sub.add_parser("replay", help="rerun a recorded run here and compare its outputs",
+                       description="Rebuild a recorded run's environment in a fresh process, rerun "
+                       "it and compare outputs. Exit 0 ok, 1 worse than expected, 2 bad input or "
+                       "refused, 3 cannot be reproduced here (not rerun).")
+    p.add_argument("run", help="run id, runs:/<id> URI, or run URL from the MLflow UI")
+    common(p)
+    p.add_argument("--project-dir", help="folder the run was recorded in (default: current directory)")
+    p.add_argument("--dry-run", action="store_true", help="print the prediction and plan; run nothing")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default per dtype)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default per dtype)")
+    p.add_argument("--no-log", action="store_true", help="do not log the replay as an MLflow run")
+    p.add_argument("--force", action="store_true",
+                   help="rerun even when the noise cannot be regenerated here or weights differ")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("show", help="print a recorded run's manifest for people (or --json)")
+    p.add_argument("run", help="run id, runs:/<id> URI, or run URL from the MLflow UI")
+    common(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("sync", help="upload recordings spooled while MLflow was unreachable")
+    p.add_argument("--tracking-uri", help="upload here instead of where each recording was going")
+    p.set_defaults(func=cmd_sync)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ReproTrackError as exc:
+        if os.environ.get("REPRO_TRACK_DEBUG"):
+            raise
+        print(f"repro-track: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("repro-track: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

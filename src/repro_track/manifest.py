@@ -1,0 +1,195 @@
+"""The manifest: a frozen record of one call, its canonical JSON, digest and schema validation.
+
+The canonical form is JSON with sorted keys, no whitespace, UTF-8, and no NaN; the digest is the sha256
+of that form without the ``manifest_digest`` field. The file written to MLflow is the same object
+pretty-printed, so people can read it; readers re-canonicalise before checking the digest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable
+
+from .errors import IntegrityError, ManifestError
+
+SCHEMA_VERSION = 1
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+_MAX_DEPTH = 64
+
+# Older schema versions are read by upgrading them one step at a time: MIGRATIONS[n] turns a
+# version-n manifest into version n+1. Version 1 is the first, so there is nothing to migrate yet.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, compact separators, UTF-8, NaN refused: the same bytes for the same content."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def digest_of(data: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a manifest dict, ignoring its own digest field."""
+    body = {k: v for k, v in data.items() if k != "manifest_digest"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    """The manifest JSON Schema shipped inside the package (identical to schemas/ at the top)."""
+    text = resources.files("repro_track").joinpath("schemas/manifest.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> Any:
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema())
+    return cls(schema(), format_checker=cls.FORMAT_CHECKER)
+
+
+def validate(data: dict[str, Any], run_id: str | None = None) -> None:
+    """Raise ManifestError naming the first failing field, if the data breaks the schema."""
+    error = next(iter(sorted(_validator().iter_errors(data), key=lambda e: list(e.path))), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        message = error.message if len(error.message) < 300 else error.message[:300] + "..."
+        raise ManifestError(f"manifest field {where}: {message}", field=where, run_id=run_id)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One call's provenance. Sections are plain JSON objects whose shape the schema fixes."""
+
+    kind: str
+    call: dict[str, Any]
+    arguments: dict[str, Any]
+    randomness: dict[str, Any]
+    determinism: dict[str, Any]
+    cpu: dict[str, Any]
+    gpu: dict[str, Any]
+    software: dict[str, Any]
+    env_vars: dict[str, Any]
+    git: dict[str, Any]
+    outputs: list[dict[str, Any]]
+    replay_of: str | None = None
+    repro_track_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON data, with its digest."""
+        data = dataclasses.asdict(self)
+        data["manifest_digest"] = digest_of(data)
+        return data
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the canonical JSON (without the digest field)."""
+        return digest_of(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        """Pretty, sorted JSON for the artifact; validated first so nothing invalid is written."""
+        data = self.to_dict()
+        validate(data)
+        return json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        """Build from already-validated data (the digest field is dropped: it is derived)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, run_id: str | None = None) -> "Manifest":
+        """Parse, migrate, validate and check the digest of a manifest read from a store."""
+        data = parse(raw, run_id)
+        recorded = data.get("manifest_digest")
+        if not isinstance(recorded, str):
+            raise ManifestError(f"run {run_id or '?'}: manifest has no manifest_digest field",
+                                field="manifest_digest", run_id=run_id)
+        _check_version(data, run_id)
+        # The digest covers the bytes as written, so it is checked before any migration.
+        expected = digest_of(data)
+        if recorded != expected:
+            raise IntegrityError(
+                f"run {run_id or '?'}: manifest digest mismatch (recorded {recorded[:12]}..., content "
+                f"hashes to {expected[:12]}...): the manifest was edited or corrupted",
+                run_id=run_id, item="manifest",
+            )
+        data = migrate(data, run_id)
+        validate(data, run_id)
+        return cls.from_dict(data)
+
+
+def _depth(obj: Any, limit: int) -> int:
+    stack = [(obj, 1)]
+    deepest = 0
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return depth
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return deepest
+
+
+def parse(raw: bytes | str, run_id: str | None = None) -> dict[str, Any]:
+    """JSON text to a dict, refusing oversize, non-UTF-8, non-object or absurdly nested input."""
+    where = f"run {run_id}: " if run_id else ""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{where}manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} limit",
+                            run_id=run_id)
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{where}manifest is not UTF-8 ({exc.reason} at byte {exc.start})",
+                            run_id=run_id) from None
+    except RecursionError:
+        raise ManifestError(f"{where}manifest nests deeper than {_MAX_DEPTH} levels", run_id=run_id) from None
+    except ValueError as exc:
+        raise ManifestError(f"{where}manifest is not valid JSON: {exc}", run_id=run_id) from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}manifest is a JSON {type(data).__name__}, not an object", run_id=run_id)
+    if _depth(data, _MAX_DEPTH) > _MAX_DEPTH:
+        raise ManifestError(f"{where}manifest nests deeper than {_MAX_DEPTH} levels", run_id=run_id)
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in a manifest")
+
+
+def _check_version(data: dict[str, Any], run_id: str | None) -> int:
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ManifestError(f"run {run_id or '?'}: manifest has no integer schema_version",
+                            field="schema_version", run_id=run_id)
+    if version > SCHEMA_VERSION:
+        raise ManifestError(
+            f"run {run_id or '?'}: manifest schema_version {version} is newer than this repro-track "
+            f"understands ({SCHEMA_VERSION}); upgrade repro-track (pip install -U repro-track)",
+            field="schema_version", run_id=run_id)
+    return version
+
+
+def migrate(data: dict[str, Any], run_id: str | None = None) -> dict[str, Any]:
+    """Upgrade an older manifest to SCHEMA_VERSION, one step at a time; refuse unknown newer ones."""
+    version = _check_version(data, run_id)
+    while version < SCHEMA_VERSION:
+        step = MIGRATIONS.get(version)
+        if step is None:
+            raise ManifestError(f"run {run_id or '?'}: no migration from schema_version {version}",
+                                field="schema_version", run_id=run_id)
+        data = step(data)
+        data["manifest_digest"] = digest_of(data)
+        version = data["schema_version"]
+    return data

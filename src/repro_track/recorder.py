@@ -1,0 +1,296 @@
+"""The ``@record`` decorator: capture a call, build its manifest, hand it to the store.
+
+Recording never breaks or changes the generation: capture only reads state (no RNG is advanced, no flag
+set, CUDA never started), the user's exception reaches them unchanged, and any failure of capture or
+logging becomes one warning while the result is returned.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import inspect
+import logging
+import sys
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from . import outputs, settings
+from .manifest import Manifest
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+MARKER = "__repro_track__"
+
+
+class RecordingWarning(UserWarning):
+    """Recording or logging failed; the generation itself was not affected."""
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """How and where a decorated function's calls are recorded."""
+
+    experiment: str | None = None
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    tracking_uri: str | None = None
+    log_outputs: bool = True
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One captured call: its manifest and the arrays and texts that go beside it."""
+
+    manifest: Manifest
+    outputs: list[outputs.NamedArray]
+    inputs: list[outputs.NamedArray]
+    requirements: str
+    git_diff: str | None
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """Where one recording went: an MLflow run, or the spool folder when MLflow was unreachable."""
+
+    run_id: str | None
+    tracking_uri: str
+    spool_path: Path | None
+    manifest_digest: str | None
+    error: str | None = None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _call_site(fn: Callable[..., Any]) -> dict[str, Any]:
+    """module, qualname, project-relative source file and source digest, and whether it replays."""
+    from .entrypoint import function_source, project_root_for
+
+    info: dict[str, Any] = {"module": fn.__module__ or "?", "qualname": fn.__qualname__,
+                            "is_script": fn.__module__ == "__main__", "source_file": None,
+                            "source_sha256": None, "replayable": False, "reason": None}
+    try:
+        path = Path(inspect.getsourcefile(fn) or "")
+    except TypeError:
+        path = Path("")
+    if not path.is_file():
+        info["reason"] = "the function's source file is unknown (defined interactively?)"
+        return info
+    source = function_source(path.read_text("utf-8", errors="replace"), fn.__qualname__)
+    if source is None:
+        info["reason"] = (f"{fn.__qualname__} is not defined at module or class level, so it cannot "
+                          "be imported again")
+        return info
+    root = project_root_for(path)
+    try:
+        info["source_file"] = path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        info["source_file"] = None
+    info["source_sha256"] = source.sha256
+    info["replayable"] = source.decorated and info["source_file"] is not None
+    if not source.decorated:
+        info["reason"] = "the function's source does not show the repro_track.record decorator"
+    return info
+
+
+class Recorder:
+    """Holds a decorated function and its options; captures calls and logs them."""
+
+    def __init__(self, fn: Callable[..., Any], options: RecordOptions):
+        self.fn = fn
+        self.options = options
+        self.signature = inspect.signature(fn)
+        self._local = threading.local()
+
+    @property
+    def last(self) -> RecordOutcome | None:
+        """The outcome of this thread's latest call of the function."""
+        return getattr(self._local, "outcome", None)
+
+    # ------------------------------------------------------------ the call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if settings.DISABLED.get():
+            return self.fn(*args, **kwargs)
+        result, error, recording = self.capture(args, kwargs)
+        if recording is not None:
+            self._local.outcome = self._log(recording)
+        if error is not None:
+            raise error.with_traceback(error.__traceback__)
+        return result
+
+    def capture(self, args: tuple, kwargs: dict, *, kind: str = "record",
+                replay_of: str | None = None) -> tuple[Any, Exception | None, Recording | None]:
+        """Run the function and capture it; never raises what the function did not raise."""
+        if self.options.deterministic:
+            from .determinism import deterministic
+
+            with deterministic():
+                return self._capture(args, kwargs, kind, replay_of)
+        return self._capture(args, kwargs, kind, replay_of)
+
+    def _capture(self, args: tuple, kwargs: dict, kind: str,
+                 replay_of: str | None) -> tuple[Any, Exception | None, Recording | None]:
+        try:
+            entry = self._enter(args, kwargs)
+        except Exception as exc:  # capture is best effort; the generation must run regardless
+            _warn(f"repro-track could not capture the call of {self.fn.__qualname__} ({exc!r}); "
+                  "it runs unrecorded")
+            log.debug("capture failed", exc_info=True)
+            return self._call(args, kwargs) + (None,)
+        result, error = self._call(args, kwargs)
+        entry["ended"] = time.perf_counter()
+        entry["ended_at"] = _now()
+        try:
+            recording = self._finish(entry, result, error, kind, replay_of)
+        except Exception as exc:
+            _warn(f"repro-track could not build the manifest for {self.fn.__qualname__} ({exc!r})")
+            log.debug("manifest failed", exc_info=True)
+            recording = None
+        return result, error, recording
+
+    def _call(self, args: tuple, kwargs: dict) -> tuple[Any, Exception | None]:
+        try:
+            return self.fn(*args, **kwargs), None
+        except Exception as exc:  # BaseException (Ctrl-C, exit) propagates unrecorded at once
+            return None, exc
+
+    # ------------------------------------------------------------ capture at entry and exit
+
+    def _enter(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        from .capture import arguments, envvars, torch_state
+
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        captured = arguments.capture_arguments(bound, settings.MAX_INPUT_BYTES.get())
+        return {
+            "args": captured,
+            "global": torch_state.global_rng_states(),
+            "knobs": torch_state.determinism_knobs(),
+            "env": envvars.capture_env_vars(),
+            "started_at": _now(),
+            "started": time.perf_counter(),
+        }
+
+    def _finish(self, entry: dict, result: Any, error: BaseException | None, kind: str,
+                replay_of: str | None) -> Recording:
+        from .capture import environment, torch_state
+
+        captured = entry["args"]
+        torch_state.mark_consumed(entry["global"], torch_state.global_rng_digests())
+        for record, gen in zip(captured.generators, captured.generator_objects):
+            record["consumed_by_call"] = torch_state.generator_state_digest(gen) != record["state_sha256"]
+        items = outputs.normalise(result) if error is None else []
+        site = _call_site(self.fn)
+        source = Path(inspect.getsourcefile(self.fn) or ".") if site["source_file"] else None
+        env = environment(source)
+        knobs = entry["knobs"]
+        knobs["cuda_used"] = torch_state.determinism_knobs()["cuda_used"]
+        manifest = Manifest(
+            kind=kind,
+            replay_of=replay_of,
+            repro_track_version=_version(),
+            call={**site, "return_type": _type_name(result), "started_at": entry["started_at"],
+                  "ended_at": entry["ended_at"],
+                  "duration_s": max(0.0, entry["ended"] - entry["started"]),
+                  "status": "FAILED" if error else "FINISHED", "error": _error_record(error)},
+            arguments=captured.records,
+            randomness={"generators": captured.generators, "seeds": captured.seeds,
+                        "primary": _primary(captured), "global": entry["global"]},
+            determinism=knobs,
+            cpu=env.cpu, gpu=env.gpu, software=env.software,
+            env_vars=entry["env"], git=env.git,
+            outputs=[outputs.describe(item, saved=self.options.log_outputs and outputs.savable(item.value))
+                     for item in items],
+        )
+        return Recording(manifest, items if self.options.log_outputs else [], captured.inputs,
+                         env.requirements, env.git_diff)
+
+    # ------------------------------------------------------------ logging
+
+    def _log(self, recording: Recording) -> RecordOutcome:
+        from .store import deliver
+
+        try:
+            return deliver(recording, self.options)
+        except Exception as exc:  # deliver spools on its own; this is the last line of defence
+            _warn(f"repro-track could not log or spool the recording of {self.fn.__qualname__}: {exc!r}")
+            return RecordOutcome(None, self.options.tracking_uri or "", None,
+                                 recording.manifest.digest, repr(exc))
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _primary(captured: Any) -> dict[str, Any]:
+    gens = captured.generators
+    seed = gens[0]["initial_seed"] if gens else next(iter(captured.seeds.values()), None)
+    return {"seed": seed, "generator_device": gens[0]["device"] if gens else None}
+
+
+def _error_record(error: BaseException | None) -> dict[str, str] | None:
+    if error is None:
+        return None
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return {"type": _type_name(error), "message": str(error)[:10000], "traceback": text[-20000:]}
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RecordingWarning, stacklevel=4)
+
+
+def record(fn: F | None = None, *, experiment: str | None = None, run_name: str | None = None,
+           tags: dict[str, str] | None = None, tracking_uri: str | None = None,
+           log_outputs: bool = True, deterministic: bool = False) -> Any:
+    """Record every call of the decorated function as an MLflow run with a provenance manifest.
+
+    Use bare (``@record``) or with options (``@record(experiment="ddim")``). The function's return
+    value, exceptions, signature and docstring are unchanged. ``tracking_uri`` defaults to
+    ``MLFLOW_TRACKING_URI``, then MLflow's own default; ``deterministic=True`` runs each call inside
+    :func:`repro_track.deterministic`.
+    """
+    options = RecordOptions(experiment, run_name, dict(tags or {}), tracking_uri, log_outputs,
+                            deterministic)
+
+    def decorate(func: F) -> F:
+        recorder = Recorder(func, options)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return recorder(*args, **kwargs)
+
+        setattr(wrapper, MARKER, recorder)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def recorder_of(fn: Any) -> Recorder | None:
+    """The Recorder behind a decorated function (also through bound methods), else None."""
+    target = getattr(fn, "__func__", fn)
+    recorder = getattr(target, MARKER, None)
+    return recorder if isinstance(recorder, Recorder) else None
+
+
+def last_recording(fn: Any) -> RecordOutcome | None:
+    """Where this thread's latest call of a decorated function was recorded (run id or spool path)."""
+    recorder = recorder_of(fn)
+    if recorder is None:
+        raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is not decorated with repro_track.record")
+    return recorder.last

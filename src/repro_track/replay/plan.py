@@ -1,0 +1,141 @@
+"""Plan a replay: check the entry point statically, describe this machine, rebuild the environment.
+
+Nothing here runs the user's code: the entry point is checked from its source text (decorated with
+``repro_track.record``, inside the project dir, the module really is that file) before any import.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..entrypoint import function_source, import_root, module_matches_path, resolve_source
+from ..errors import EntryPointRefused
+from ..manifest import Manifest
+from ..rules import Here
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """Everything the child process needs, and what the dry run shows."""
+
+    run_id: str
+    project_dir: str
+    source_path: str
+    module: str
+    qualname: str
+    is_script: bool
+    import_root: str
+    env_set: dict[str, str]
+    env_unset: list[str]
+    knobs: dict[str, Any]
+    manifest: dict[str, Any]
+    inputs_path: str | None
+    force: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (written for the child)."""
+        return asdict(self)
+
+    def describe(self) -> list[str]:
+        """Human-readable steps, for ``--dry-run``."""
+        k = self.knobs
+        lines = [
+            f"entry point: {self.source_path if self.is_script else self.module} : {self.qualname}",
+            f"fresh process: {sys.executable} -m repro_track.replay.child (cwd {self.project_dir})",
+            f"threads: {k['num_threads']} intra-op, {k['num_interop_threads']} inter-op",
+            f"determinism: deterministic_algorithms={k['deterministic_algorithms']}, "
+            f"cudnn.deterministic={k['cudnn_deterministic']}, cudnn.benchmark={k['cudnn_benchmark']}, "
+            f"TF32 matmul={k['matmul_allow_tf32']}",
+        ]
+        lines += [f"set {name}={value}" for name, value in sorted(self.env_set.items())]
+        lines += [f"unset {name}" for name in self.env_unset]
+        for name, arg in self.manifest["arguments"].items():
+            lines.append(f"argument {name}: {_arg_words(arg, self.manifest)}")
+        return lines + self.notes
+
+
+def _arg_words(arg: dict[str, Any], m: dict[str, Any]) -> str:
+    if arg["kind"] in ("generator", "generators"):
+        gens = [m["randomness"]["generators"][i] for i in arg["generators"]]
+        return "; ".join(f"{g['device']} generator, seed {g['initial_seed']}, recorded state "
+                         f"{g['state_sha256'][:12]}" for g in gens)
+    if arg["kind"] == "pipeline":
+        p = arg["pipeline"]
+        return f"{p['class'].rsplit('.', 1)[-1]}.from_pretrained({p['name_or_path']!r}) on {p['device']}"
+    if arg["kind"] == "json":
+        text = repr(arg["value"])
+        return text if len(text) < 80 else text[:77] + "..."
+    return f"{arg['kind']} {arg.get('dtype', '')} {arg.get('shape', '')}".strip()
+
+
+def check_entry_point(m: Manifest, project_dir: Path) -> tuple[Path, Path, str | None]:
+    """(source file, import root, current source digest); refuse anything not decorated here."""
+    call = m.call
+    if not call["source_file"]:
+        raise EntryPointRefused(
+            f"the manifest names {call['module']}:{call['qualname']} without a project source file; "
+            "only functions decorated with repro_track.record in the project can be replayed")
+    path = resolve_source(project_dir, call["source_file"])
+    if not call["is_script"] and not module_matches_path(call["module"], call["source_file"]):
+        raise EntryPointRefused(
+            f"module {call['module']!r} does not live in {call['source_file']!r}; refusing to import it")
+    source = function_source(path.read_text("utf-8", errors="replace"), call["qualname"])
+    if source is None or not source.decorated:
+        raise EntryPointRefused(
+            f"{call['source_file']}:{call['qualname']} is not a function decorated with "
+            "repro_track.record; refusing to run it")
+    root = path.parent if call["is_script"] else import_root(project_dir, call["source_file"],
+                                                              call["module"])
+    return path, root, source.sha256
+
+
+def describe_here(source_sha256: str | None) -> Here:
+    """This machine, for the prediction rules (reads facts only; CUDA is not started)."""
+    import torch
+
+    from ..capture import envvars, gpu, static_facts
+
+    software, cpu, _ = static_facts()
+    return Here(cpu=cpu, gpu=gpu.capture_gpu(), software=software,
+                cuda_usable=bool(torch.cuda.is_available()), num_threads=torch.get_num_threads(),
+                source_sha256=source_sha256, env_vars=envvars.capture_env_vars())
+
+
+def child_environment(m: Manifest, here: Here) -> tuple[dict[str, str], list[str], list[str]]:
+    """(variables to set, variables to unset, notes): the recorded allow-listed env, ISA pinned."""
+    from ..capture import cpu, envvars
+
+    recorded = m.env_vars
+    keep = set(recorded["redacted"]) | set(recorded["dropped"])
+    unset = sorted(n for n in os.environ if envvars.is_allowed(n) and n not in recorded["captured"]
+                   and n not in keep)
+    env_set = {k: v for k, v in recorded["captured"].items() if k not in recorded["redacted"]}
+    notes = []
+    capability = m.cpu.get("torch_capability")
+    if capability and "ATEN_CPU_CAPABILITY" not in env_set:
+        value = cpu.aten_capability_env_value(capability)
+        if value and cpu.supports_capability(capability, here.cpu.get("isa_flags", [])):
+            env_set["ATEN_CPU_CAPABILITY"] = value
+            if "ATEN_CPU_CAPABILITY" in unset:
+                unset.remove("ATEN_CPU_CAPABILITY")
+        else:
+            notes.append(f"ATen CPU kernels cannot be pinned to {capability} on this CPU")
+    return env_set, unset, notes
+
+
+def build_plan(m: Manifest, run_id: str, project_dir: Path, here: Here, source: Path, root: Path,
+               inputs_path: Path | None, force: bool) -> ReplayPlan:
+    """Assemble the plan from a checked manifest."""
+    env_set, env_unset, notes = child_environment(m, here)
+    return ReplayPlan(
+        run_id=run_id, project_dir=str(project_dir.resolve()), source_path=str(source),
+        module=m.call["module"], qualname=m.call["qualname"], is_script=m.call["is_script"],
+        import_root=str(root), env_set=env_set, env_unset=env_unset, knobs=m.determinism,
+        manifest=m.to_dict(), inputs_path=str(inputs_path) if inputs_path else None, force=force,
+        notes=notes,
+    )

@@ -1,0 +1,70 @@
+"""Typed settings read from environment variables, each read when used (never cached at import)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One environment-variable setting with a type and a default."""
+
+    name: str
+    parse: Callable[[str], T]
+    default: T
+    doc: str
+
+    def get(self) -> T:
+        """The current value: the parsed variable, or the default when unset or empty."""
+        raw = os.environ.get(self.name, "")
+        if raw == "":
+            return self.default
+        try:
+            return self.parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"{self.name}={raw!r} is not valid: {exc}") from None
+
+
+def _bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _default_spool() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "repro-track" / "spool"
+
+
+SPOOL_DIR = Setting(
+    "REPRO_TRACK_SPOOL_DIR", Path, None,  # type: ignore[arg-type]
+    "Folder for recordings that could not reach MLflow (default: $XDG_CACHE_HOME/repro-track/spool).",
+)
+DISABLED = Setting(
+    "REPRO_TRACK_DISABLE", _bool, False, "Turn recording off: decorated functions run bare."
+)
+LOG_TIMEOUT = Setting(
+    "REPRO_TRACK_LOG_TIMEOUT", float, 15.0,
+    "Seconds a call waits for MLflow logging before it spools the recording and returns.",
+)
+PROBE_TIMEOUT = Setting(
+    "REPRO_TRACK_PROBE_TIMEOUT", float, 2.0,
+    "Seconds to wait for an HTTP tracking server's /health before treating it as down.",
+)
+MAX_INPUT_BYTES = Setting(
+    "REPRO_TRACK_MAX_INPUT_BYTES", int, 256 * 1024 * 1024,
+    "Largest tensor/array argument saved with a run so it can be replayed.",
+)
+DEBUG = Setting("REPRO_TRACK_DEBUG", _bool, False, "Show full tracebacks from the CLI.")
+
+
+def spool_dir() -> Path:
+    """The spool folder, from ``REPRO_TRACK_SPOOL_DIR`` or the per-user cache."""
+    return SPOOL_DIR.get() or _default_spool()
