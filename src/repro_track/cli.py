@@ -112,6 +112,96 @@ def _show_text(run_id: str, m: dict[str, Any], replays: list[str], run_tags: dic
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- diff
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from . import outputs, store
+    from .explain import differences, output_differences
+
+    client = store.client_for(args.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        a = store.load_run(client, args.run_a, Path(tmp) / "a")
+        b = store.load_run(client, args.run_b, Path(tmp) / "b")
+        ma, mb = a.manifest.to_dict(), b.manifest.to_dict()
+        arrays_a = outputs.load_arrays(a.outputs_path) if a.outputs_path else {}
+        arrays_b = outputs.load_arrays(b.outputs_path) if b.outputs_path else {}
+        outs = output_differences(ma, mb, arrays_a, arrays_b)
+    found = differences(ma, mb)
+    if args.json:
+        print(json.dumps({"run_a": a.run_id, "run_b": b.run_id,
+                          "differences": [d.to_dict() for d in found], "outputs": outs},
+                         sort_keys=True, default=str))
+        return 0
+    print(f"A {a.run_id}\nB {b.run_id}")
+    if not found:
+        print("the manifests agree on everything that decides the bits")
+    for category in ("noise", "input", "arithmetic", "cosmetic"):
+        items = [d for d in found if d.category == category]
+        if items and (category != "cosmetic" or args.all):
+            print(f"\n{_CATEGORY_TITLES[category]}")
+            for d in items:
+                print(f"  - {d.explanation}")
+    hidden = sum(d.category == "cosmetic" for d in found)
+    if hidden and not args.all:
+        print(f"\n({hidden} cosmetic differences hidden; --all shows them)")
+    if outs:
+        rows = [[n, o["bitwise_equal"], o["max_abs_diff"], o["mean_abs_diff"]] for n, o in outs.items()]
+        print("\n" + _table(["output", "bitwise", "max |diff|", "mean |diff|"], rows))
+    return 0
+
+
+_CATEGORY_TITLES = {
+    "noise": "Initial noise differs (the images cannot match):",
+    "input": "Different computation (arguments, weights or code):",
+    "arithmetic": "Same computation, different rounding:",
+    "cosmetic": "No effect on the bits:",
+}
+
+
+# ---------------------------------------------------------------- doctor
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import checks, fix_lines
+
+    found = checks()
+    if args.json:
+        print(json.dumps({"checks": [c.to_dict() for c in found], "fix": fix_lines(found)},
+                         sort_keys=True))
+        return 0
+    rows = [["ok" if c.ok else "CHANGE", c.name, c.current, c.wanted, c.cost] for c in found]
+    print(_table(["", "knob", "now", "for exact replay", "cost"], rows))
+    lines = fix_lines(found)
+    if lines:
+        print("\nTo record with everything deterministic (or use repro_track.deterministic()):")
+        print("\n".join(f"  {line}" for line in lines))
+    return 0
+
+
+# ---------------------------------------------------------------- export
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from . import store
+    from .export import export
+
+    client = store.client_for(args.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = store.load_run(client, args.run, Path(tmp))
+    document = export(loaded.manifest.to_dict(), loaded.run_id, args.format)
+    text = json.dumps(document, indent=2, sort_keys=True)
+    if args.output:
+        Path(args.output).write_text(text + "\n", "utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
 # ---------------------------------------------------------------- sync
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -172,6 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_show)
 
+    p = sub.add_parser("diff", help="explain why two runs differ, most decisive cause first")
+    p.add_argument("run_a", metavar="RUN_A")
+    p.add_argument("run_b", metavar="RUN_B")
+    common(p)
+    p.add_argument("--all", action="store_true", help="also list differences with no effect on the bits")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("doctor", help="judge this environment for reproducibility before recording")
+    p.add_argument("--json", action="store_true", help="print one JSON object for machines")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("export", help="export a run's provenance as PROV-JSON, RO-Crate or in-toto")
+    p.add_argument("run", help="run id, runs:/<id> URI, or run URL from the MLflow UI")
+    p.add_argument("--format", required=True, choices=["prov", "ro-crate", "in-toto"])
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("sync", help="upload recordings spooled while MLflow was unreachable")
     p.add_argument("--tracking-uri", help="upload here instead of where each recording was going")
     p.set_defaults(func=cmd_sync)
@@ -181,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = build_parser().parse_args(argv)
+    # MLflow draws a progress bar per downloaded file; a CLI that fetches two small files is better off
+    # without them (only this process's setting; the library never changes it).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return int(args.func(args))
     except ReproTrackError as exc:
