@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .rules import risks
@@ -52,12 +53,22 @@ def _outputs(m: dict[str, Any]) -> list[str]:
             for o in m["outputs"][:20]]
 
 
-def record_card(m: dict[str, Any], run_id: str, replays: list[str] | None = None) -> str:
+def image_links(run_id: str, paths: list[str], limit: int = 4) -> list[str]:
+    """Markdown images served by the MLflow UI's own artifact endpoint (relative to the UI page)."""
+    from urllib.parse import quote
+
+    return [f"![{Path(p).stem}](get-artifact?path={quote(p, safe='')}&run_uuid={run_id})"
+            for p in paths[:limit]]
+
+
+def record_card(m: dict[str, Any], run_id: str, replays: list[str] | None = None,
+                images: list[str] | None = None) -> str:
     """The card of a recorded run: seed, hardware, determinism, outputs, risks, how to replay."""
     sw = m["software"]
     lines = [
         f"### repro-track: `{m['call']['qualname']}` ({m['call']['status'].lower()})",
         "",
+        *([" ".join(image_links(run_id, images)), ""] if images else []),
         f"- **Seed:** {_seed_line(m)}",
         f"- **Hardware:** {_hardware(m)}",
         f"- **Software:** torch {sw['torch']['version']}, diffusers {sw['packages'].get('diffusers')}, "
@@ -78,11 +89,13 @@ def record_card(m: dict[str, Any], run_id: str, replays: list[str] | None = None
     return _cap("\n".join(lines))
 
 
-def replay_card(m: dict[str, Any], run_id: str, original_id: str, report: dict[str, Any]) -> str:
+def replay_card(m: dict[str, Any], run_id: str, original_id: str, report: dict[str, Any],
+                images: list[str] | None = None) -> str:
     """The card of a replay run: what it replayed, expected vs observed, and the differences."""
     lines = [
         f"### repro-track replay of run `{original_id}`",
         "",
+        *([" ".join(image_links(run_id, images)), ""] if images else []),
         f"- **Replayed:** [{original_id}](#/experiments/{report.get('experiment_id', '')}/runs/{original_id})"
         f" (`{m['call']['qualname']}`)",
         f"- **Expected:** {report['expected']} - **Observed:** {report['observed']} - "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 _CHUNK = 16 * 1024 * 1024
+_MIN_PREVIEW = 128  # pixels; PNGs are previews for the UI, the exact bits are in safetensors
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,10 @@ def image_files(items: list[NamedArray], folder: Path, limit: int = 16) -> list[
             if len(written) >= limit:
                 return written
             path = folder / f"{item.name.replace('/', '_')}_{index}.png"
-            Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame).save(path)
+            image = Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame)
+            if max(image.size) < _MIN_PREVIEW:  # tiny outputs: enlarge the preview, pixels kept sharp
+                scale = -(-_MIN_PREVIEW // max(image.size))
+                image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+            image.save(path)
             written.append(path)
     return written

@@ -200,7 +200,9 @@ def upload(client: Any, entry: spool.SpoolEntry, *, dedupe: bool = False) -> str
     run = _retry(lambda: client.create_run(experiment_id, start_time=_ms(m["call"]["started_at"]),
                                            tags=run_tags_, run_name=meta.get("run_name")))
     run_id = run.info.run_id
-    card = meta.get("card") or record_card(m, run_id)
+    images = sorted(p.relative_to(entry.artifacts).as_posix()
+                    for p in (entry.artifacts / tags.IMAGES_DIR).glob("*.png"))
+    card = meta.get("card") or record_card(m, run_id, images=images)
     params = [Param(k, v) for k, v in sorted(run_params(m).items())]
     metrics = _metrics(m, meta.get("metrics", {}), _ms(m["call"]["ended_at"]))
     note = [RunTag(tags.MLFLOW_NOTE, card.replace("{run_id}", run_id))]
@@ -417,5 +419,9 @@ def add_replay_link(client: Any, original: LoadedRun, replay_run_id: str, summar
     lines = json.loads(run.data.tags.get(tags.REPLAY_LINES, "[]"))
     lines.append(summary)
     client.set_tag(original.run_id, tags.REPLAY_LINES, json.dumps(lines[-20:])[:MAX_TAG_CHARS])
-    card = record_card(original.manifest.to_dict(), original.run_id, lines)
+    try:
+        images = sorted(f.path for f in client.list_artifacts(original.run_id, tags.IMAGES_DIR))
+    except Exception:  # the card is a convenience; a listing failure must not fail the replay
+        images = []
+    card = record_card(original.manifest.to_dict(), original.run_id, lines, images=images)
     client.set_tag(original.run_id, tags.MLFLOW_NOTE, card)

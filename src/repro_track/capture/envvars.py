@@ -93,9 +93,10 @@ _DEVICE_UUID = re.compile(
     r"(?:/[0-9]+){0,2}$"
 )
 _MIN_TOKEN_ENTROPY_BITS = 3.0
-# Pieces of identifiers and paths ("stable-diffusion-v1-5", "roundup_power2"): letters
-# with an optional numeric suffix, or digits alone. Random tokens interleave the two.
-_WORD_PIECE = re.compile(r"^(?:[A-Za-z]{1,16}[0-9]{0,4}|[0-9]{1,8})$")
+# Pieces of identifiers and paths ("stable-diffusion-v1-5", "roundup_power2", "PTX"):
+# one-case or Capitalised letters with an optional numeric suffix, or digits alone.
+# Random tokens mix cases and interleave digits, so their pieces rarely look like this.
+_WORD_PIECE = re.compile(r"^(?:(?:[a-z]{1,16}|[A-Z]{1,16}|[A-Z][a-z]{1,15})[0-9]{0,4}|[0-9]{1,8})$")
 _PIECE_SEPARATORS = re.compile(r"[/_\-+=]+")
 
 

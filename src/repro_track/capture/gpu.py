@@ -227,14 +227,15 @@ def _fill_from_torch(devices: list[dict[str, Any]]) -> None:
 
 
 def _uuid_key(uuid: str | None) -> str | None:
-    # NVML says "GPU-6f2a...", torch's str(props.uuid) omits the prefix.
+    # NVML says "GPU-6f2a4e5c-...", torch's str(props.uuid) has no prefix; compare the
+    # hex digits only so prefix, dashes and case cannot break a match.
     if not uuid:
         return None
     key = uuid.strip().lower()
     for prefix in ("gpu-", "mig-"):
         if key.startswith(prefix):
             key = key[len(prefix):]
-    return key
+    return "".join(ch for ch in key if ch in "0123456789abcdef") or None
 
 
 def _merge_torch_properties(

@@ -167,7 +167,9 @@ def _log(client: Any, loaded: Any, report: ReplayReport, out: Path, replayed: di
         "tags": {tags.REPLAY_OF: loaded.run_id, tags.EXPECTED: report.expected,
                  tags.OBSERVED: report.observed or "not-run", "repro.ok": str(report.ok).lower()},
         "metrics": {k: v for k, v in metrics.items() if v is not None},
-        "card": replay_card(replayed, "{run_id}", loaded.run_id, data),
+        "card": replay_card(replayed, "{run_id}", loaded.run_id, data,
+                            images=sorted(p.relative_to(out / "artifacts").as_posix()
+                                          for p in (out / "artifacts" / tags.IMAGES_DIR).glob("*.png"))),
         "parent_run_id": None,
     }
     run_id = store.upload(client, SpoolEntry(out, meta))

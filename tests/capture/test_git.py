@@ -1,0 +1,239 @@
+"""Tests for repro_track.capture.git: real repositories made with `git init` in tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from repro_track.capture import git as git_capture
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git executable")
+
+TOKEN = "glpat-S3cr3tT0kenValue9876"
+
+
+def run_git(repo: Path, *args: str) -> str:
+    env_free = ["-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
+    result = subprocess.run(["git", *env_free, *args], cwd=repo, check=True, capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+def make_repo(path: Path, *, commit: bool = True) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    run_git(path, "init", "-q")
+    run_git(path, "config", "user.name", "Test User")
+    run_git(path, "config", "user.email", "test@example.com")
+    (path / "model.py").write_text("SEED = 1\n")
+    (path / "sub").mkdir()
+    (path / "sub" / "config.json").write_text('{"steps": 4}\n')
+    if commit:
+        run_git(path, "add", ".")
+        run_git(path, "commit", "-q", "-m", "initial")
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return make_repo(tmp_path / "project")
+
+
+class TestCleanRepository:
+    """A committed, unchanged tree gives commit, branch and no diff."""
+
+    def test_section(self, repo: Path) -> None:
+        section, diff = git_capture.capture_git(repo)
+        assert section == {
+            "available": True,
+            "reason": None,
+            "root": None,
+            "commit": run_git(repo, "rev-parse", "HEAD"),
+            "branch": "main",
+            "remote_url": None,
+            "dirty": False,
+            "untracked": [],
+            "untracked_truncated": False,
+            "diff_sha256": None,
+            "diff_bytes": 0,
+            "diff_truncated": False,
+        }
+        assert diff is None
+        json.dumps(section)
+
+    @pytest.mark.parametrize("start", ["sub", "sub/config.json", "."])
+    def test_found_from_inside(self, repo: Path, start: str) -> None:
+        section, _ = git_capture.capture_git(repo / start)
+        assert section["commit"] == run_git(repo, "rev-parse", "HEAD")
+
+    def test_detached_head_has_no_branch(self, repo: Path) -> None:
+        run_git(repo, "checkout", "-q", "--detach")
+        section, _ = git_capture.capture_git(repo)
+        assert section["branch"] is None
+        assert section["commit"] == run_git(repo, "rev-parse", "HEAD")
+
+    def test_repo_root(self, repo: Path) -> None:
+        root = git_capture.repo_root(repo / "sub" / "config.json")
+        assert root is not None and root.resolve() == repo.resolve()
+
+
+class TestDirtyTree:
+    """Tracked changes set dirty and produce the diff; untracked files are listed."""
+
+    def test_modified_file(self, repo: Path) -> None:
+        (repo / "model.py").write_text("SEED = 2\n")
+        section, diff = git_capture.capture_git(repo)
+        expected = subprocess.run(["git", "diff", "HEAD"], cwd=repo, capture_output=True, check=True).stdout
+        assert section["dirty"] is True
+        assert diff is not None and "+SEED = 2" in diff
+        assert diff.encode() == expected
+        assert section["diff_sha256"] == hashlib.sha256(expected).hexdigest()
+        assert section["diff_bytes"] == len(expected)
+        assert section["diff_truncated"] is False
+
+    def test_staged_change_is_dirty(self, repo: Path) -> None:
+        (repo / "new.py").write_text("x = 1\n")
+        run_git(repo, "add", "new.py")
+        section, diff = git_capture.capture_git(repo)
+        assert section["dirty"] is True and section["untracked"] == []
+        assert diff is not None and "+x = 1" in diff
+
+    def test_untracked_only_is_not_dirty(self, repo: Path) -> None:
+        (repo / "notes.txt").write_text("hello\n")
+        (repo / "sub" / "deeper").mkdir()
+        (repo / "sub" / "deeper" / "b.txt").write_text("b\n")
+        (repo / ".gitignore").write_text("*.log\n")
+        (repo / "ignored.log").write_text("ignored\n")
+        section, diff = git_capture.capture_git(repo)
+        assert section["dirty"] is False
+        assert section["untracked"] == [".gitignore", "notes.txt", "sub/deeper/b.txt"]
+        assert diff is None
+
+    def test_dirty_agrees_with_gitpython(self, repo: Path) -> None:
+        import git
+
+        (repo / "model.py").write_text("SEED = 3\n")
+        with git.Repo(repo) as handle:
+            assert git_capture.capture_git(repo)[0]["dirty"] is handle.is_dirty(untracked_files=False)
+
+    def test_untracked_list_is_capped(self, repo: Path) -> None:
+        extra = git_capture.MAX_UNTRACKED + 5
+        for i in range(extra):
+            (repo / f"u{i:04d}.txt").write_text("x\n")
+        section, _ = git_capture.capture_git(repo)
+        assert len(section["untracked"]) == git_capture.MAX_UNTRACKED
+        assert section["untracked"] == sorted(f"u{i:04d}.txt" for i in range(extra))[: git_capture.MAX_UNTRACKED]
+        assert section["untracked_truncated"] is True
+
+    def test_large_diff_is_truncated_but_hashed_whole(self, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(git_capture, "MAX_DIFF_BYTES", 1000)
+        (repo / "model.py").write_text("".join(f"line {i} é\n" for i in range(500)))
+        section, diff = git_capture.capture_git(repo)
+        full = subprocess.run(["git", "diff", "HEAD"], cwd=repo, capture_output=True, check=True).stdout
+        assert section["diff_truncated"] is True
+        assert section["diff_bytes"] == len(full) > 1000
+        assert section["diff_sha256"] == hashlib.sha256(full).hexdigest()
+        assert diff is not None and len(diff.encode()) <= 1000
+        assert full.startswith(diff.encode())
+
+    def test_user_diff_config_is_ignored(self, repo: Path) -> None:
+        run_git(repo, "config", "diff.noprefix", "true")
+        run_git(repo, "config", "color.ui", "always")
+        (repo / "model.py").write_text("SEED = 4\n")
+        _, diff = git_capture.capture_git(repo)
+        assert diff is not None
+        assert "--- a/model.py" in diff and "\x1b[" not in diff
+
+
+class TestRemotes:
+    """Remote URLs are recorded without credentials, and the token appears nowhere."""
+
+    @pytest.mark.parametrize(
+        ("url", "expected"),
+        [
+            (f"https://user:{TOKEN}@gitlab.example.com/org/repo.git", "https://gitlab.example.com/org/repo.git"),
+            (f"https://{TOKEN}@github.com/org/repo.git", "https://github.com/org/repo.git"),
+            (f"https://gitlab.example.com/org/repo.git?private_token={TOKEN}", "https://gitlab.example.com/org/repo.git"),
+            (f"http://oauth2:{TOKEN}@host:8080/r.git#frag", "http://host:8080/r.git"),
+            ("git@github.com:org/repo.git", "git@github.com:org/repo.git"),
+            ("ssh://git@github.com/org/repo.git", "ssh://git@github.com/org/repo.git"),
+            (f"ssh://git:{TOKEN}@github.com/org/repo.git", "ssh://github.com/org/repo.git"),
+            ("https://github.com/org/repo.git", "https://github.com/org/repo.git"),
+        ],
+    )
+    def test_strip_credentials(self, url: str, expected: str) -> None:
+        assert git_capture.strip_credentials(url) == expected
+
+    def test_origin_with_token(self, repo: Path) -> None:
+        run_git(repo, "remote", "add", "upstream", "https://example.com/upstream.git")
+        run_git(repo, "remote", "add", "origin", f"https://user:{TOKEN}@example.com/org/repo.git?private_token={TOKEN}")
+        (repo / "model.py").write_text("SEED = 5\n")
+        section, diff = git_capture.capture_git(repo)
+        assert section["remote_url"] == "https://example.com/org/repo.git"
+        assert TOKEN not in json.dumps(section)
+        assert diff is not None and TOKEN not in diff
+
+    def test_first_remote_without_origin(self, repo: Path) -> None:
+        run_git(repo, "remote", "add", "mirror", "git@example.com:org/repo.git")
+        assert git_capture.capture_git(repo)[0]["remote_url"] == "git@example.com:org/repo.git"
+
+    def test_local_path_remote_is_not_recorded(self, repo: Path, tmp_path: Path) -> None:
+        run_git(repo, "remote", "add", "origin", str(tmp_path / "elsewhere.git"))
+        section, _ = git_capture.capture_git(repo)
+        assert section["remote_url"] is None
+        assert str(tmp_path) not in json.dumps(section)
+
+
+class TestNotARepository:
+    """Outside a repository, or with nothing committed, the section still explains itself."""
+
+    def test_outside(self, tmp_path: Path) -> None:
+        plain = tmp_path / "plain"
+        plain.mkdir()
+        section, diff = git_capture.capture_git(plain)
+        assert section["available"] is False
+        assert section["reason"] == "not inside a git repository"
+        assert diff is None
+        assert git_capture.repo_root(plain) is None
+
+    def test_missing_path(self, tmp_path: Path) -> None:
+        section, _ = git_capture.capture_git(tmp_path / "does-not-exist")
+        assert section["available"] is False and section["reason"]
+
+    def test_no_commits_yet(self, tmp_path: Path) -> None:
+        repo = make_repo(tmp_path / "fresh", commit=False)
+        section, diff = git_capture.capture_git(repo)
+        assert section["available"] is True
+        assert section["commit"] is None
+        assert section["branch"] == "main"
+        assert section["dirty"] is False
+        assert section["untracked"] == ["model.py", "sub/config.json"]
+        assert diff is None
+
+    def test_no_commits_with_staged_files(self, tmp_path: Path) -> None:
+        repo = make_repo(tmp_path / "fresh", commit=False)
+        run_git(repo, "add", "model.py")
+        section, diff = git_capture.capture_git(repo)
+        assert section["commit"] is None and section["dirty"] is True
+        assert diff is not None and "+SEED = 1" in diff
+
+    def test_gitpython_missing(self, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setitem(sys.modules, "git", None)
+        section, diff = git_capture.capture_git(repo)
+        assert section["available"] is False
+        assert section["reason"] == "GitPython is not installed (pip install GitPython)"
+        assert diff is None
+
+    def test_git_failure_does_not_raise(self, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError(f"git exploded in {repo}")
+
+        monkeypatch.setattr(git_capture, "_parse_status", broken)
+        section, diff = git_capture.capture_git(repo)
+        assert section["available"] is False
+        assert str(repo) not in section["reason"]
+        assert diff is None
