@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.repro-track-installed
 
-.PHONY: demo test clean
+.PHONY: demo test chromium clean
 
 $(STAMP): pyproject.toml constraints/ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,15 @@ demo: $(STAMP)
 	$(BIN)/python examples/ddim_cpu.py --run-id-file .demo/run_id
 	$(BIN)/repro-track replay "$$(cat .demo/run_id)"
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
+
+# The MLflow UI test drives Debian's Chromium; install it where we can (CI runs as root).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "Chromium is missing: install it (apt-get install chromium) for the browser test"; fi; }
 
 clean:
 	rm -rf $(VENV) .demo mlflow.db mlruns mlartifacts

@@ -211,8 +211,29 @@ def upload(client: Any, entry: spool.SpoolEntry, *, dedupe: bool = False) -> str
         _retry(lambda: client.log_batch(run_id, metrics=metrics if start == 0 else [], params=chunk,
                                         tags=note if start == 0 else []))
     _retry(lambda: client.log_artifacts(run_id, str(entry.artifacts)))
-    _retry(lambda: client.set_terminated(run_id, m["call"]["status"], end_time=_ms(m["call"]["ended_at"])))
+    _retry(lambda: _set_terminated(client, run_id, m["call"]["status"], _ms(m["call"]["ended_at"])))
     return run_id
+
+
+_SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+_env_lock = threading.Lock()
+
+
+def _set_terminated(client: Any, run_id: str, status: str, end_ms: int) -> None:
+    # Against an HTTP server, MlflowClient.set_terminated writes "View run ... at: URL" to stdout:
+    # that would land in the user's output (and break `--json`). MLflow reads this switch at call
+    # time, so it is turned on for just this call, unless the user set it themselves.
+    import os
+
+    with _env_lock:
+        if _SUPPRESS_URL in os.environ:
+            client.set_terminated(run_id, status, end_time=end_ms)
+            return
+        os.environ[_SUPPRESS_URL] = "true"
+        try:
+            client.set_terminated(run_id, status, end_time=end_ms)
+        finally:
+            os.environ.pop(_SUPPRESS_URL, None)
 
 
 def find_recording(client: Any, experiment_id: str, recording_id: str) -> str | None:
