@@ -183,22 +183,32 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- export
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
     import tempfile
     from pathlib import Path
 
-    from . import store
+    from . import store, tags
     from .export import export
 
     client = store.client_for(args.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         loaded = store.load_run(client, args.run, Path(tmp))
-    document = export(loaded.manifest.to_dict(), loaded.run_id, args.format)
-    text = json.dumps(document, indent=2, sort_keys=True)
-    if args.output:
-        Path(args.output).write_text(text + "\n", "utf-8")
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        print(text)
+        document = export(loaded.manifest.to_dict(), loaded.run_id, args.format)
+        text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+        if not args.output:
+            print(text, end="")
+            return 0
+        target = Path(args.output)
+        if args.format != "ro-crate":
+            target.write_text(text, "utf-8")
+        else:
+            # An RO-Crate is a folder: the metadata file plus the data entities it describes.
+            (target / tags.ARTIFACT_DIR).mkdir(parents=True, exist_ok=True)
+            (target / "ro-crate-metadata.json").write_text(text, "utf-8")
+            (target / tags.MANIFEST_PATH).write_text(loaded.manifest.to_json(), "utf-8")
+            if loaded.outputs_path:
+                shutil.copyfile(loaded.outputs_path, target / tags.OUTPUTS_PATH)
+    print(f"wrote {target}", file=sys.stderr)
     return 0
 
 
@@ -277,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run id, runs:/<id> URI, or run URL from the MLflow UI")
     p.add_argument("--format", required=True, choices=["prov", "ro-crate", "in-toto"])
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
-    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.add_argument("-o", "--output", help="write to this file (for ro-crate: a folder holding the crate) "
+                                          "instead of stdout")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sync", help="upload recordings spooled while MLflow was unreachable")
@@ -292,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # MLflow draws a progress bar per downloaded file; a CLI that fetches two small files is better off
     # without them (only this process's setting; the library never changes it).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return int(args.func(args))
     except ReproTrackError as exc:

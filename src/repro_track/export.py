@@ -115,8 +115,11 @@ def prov(m: dict[str, Any], run_id: str) -> dict[str, Any]:
 def ro_crate(m: dict[str, Any], run_id: str) -> dict[str, Any]:
     """An RO-Crate 1.1 metadata document following the Process Run Crate profile (0.5)."""
     profile = "https://w3id.org/ro/wfrun/process/0.5"
-    files = [{"@id": f"repro/outputs.safetensors#{o['name']}", "@type": "File", "name": o["name"],
-              "encodingFormat": "application/octet-stream", "sha256": o["sha256"]} for o in m["outputs"]]
+    saved = [o for o in m["outputs"] if o["saved"]]
+    files = [{"@id": "repro/outputs.safetensors", "@type": "File", "name": "outputs",
+              "encodingFormat": "application/octet-stream",
+              "description": "; ".join(f"{o['name']}: {o['dtype']} {o['shape']} sha256 {o['sha256']}"
+                                       for o in saved)}] if saved else []
     action = {
         "@id": f"#run-{run_id}", "@type": "CreateAction",
         "name": f"repro-track run {run_id} of {m['call']['qualname']}",
