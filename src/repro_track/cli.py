@@ -212,6 +212,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- audit
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import OUTCOMES, audit
+
+    report = audit(args.experiment, tracking_uri=args.tracking_uri, sample=args.sample,
+                   workers=args.workers, project_dir=args.project_dir, seed=args.seed,
+                   log=not args.no_log, log_replays=not args.no_log,
+                   progress=_progress(args.json))
+    if args.json:
+        print(json.dumps(report.to_dict(), sort_keys=True))
+    else:
+        rows = [[expected] + [row.get(o, 0) for o in OUTCOMES]
+                for expected, row in sorted(report.counts.items())]
+        print(_table(["expected \\ observed", *OUTCOMES], rows))
+        print(f"\n{len(report.items)} replayed: {report.rate['exact']:.0%} exact, "
+              f"{report.rate['ok']:.0%} as good as expected")
+        for item in report.items:
+            if not item.ok:
+                print(f"  {item.run_id}: expected {item.expected}, observed {item.observed}"
+                      + (f": {item.error}" if item.error else ""))
+        if report.audit_run_id:
+            print(f"audit run {report.audit_run_id}")
+    return 0 if all(item.ok for item in report.items) else 1
+
+
 # ---------------------------------------------------------------- sync
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -290,6 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write to this file (for ro-crate: a folder holding the crate) "
                                           "instead of stdout")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("audit", help="replay a sample of an experiment's runs and report the rate",
+                       description="Replay recorded runs of an experiment in fresh processes and report "
+                       "how many come back exact, by expected and observed class. Exit 0 when every "
+                       "replay is at least as good as expected, 1 otherwise.")
+    p.add_argument("experiment", help="experiment name (or id)")
+    common(p)
+    p.add_argument("--sample", type=int, help="replay this many runs chosen at random (default: all)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="replays at a time (default: half the cores; each replay uses the recorded "
+                   "thread count, and oversubscribed cores make OpenMP crawl)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample choice (default: 0)")
+    p.add_argument("--project-dir", help="folder the runs were recorded in (default: current directory)")
+    p.add_argument("--no-log", action="store_true", help="log neither the replays nor the audit run")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("sync", help="upload recordings spooled while MLflow was unreachable")
     p.add_argument("--tracking-uri", help="upload here instead of where each recording was going")

@@ -211,7 +211,7 @@ def upload(client: Any, entry: spool.SpoolEntry, *, dedupe: bool = False) -> str
         _retry(lambda: client.log_batch(run_id, metrics=metrics if start == 0 else [], params=chunk,
                                         tags=note if start == 0 else []))
     _retry(lambda: client.log_artifacts(run_id, str(entry.artifacts)))
-    _retry(lambda: _set_terminated(client, run_id, m["call"]["status"], _ms(m["call"]["ended_at"])))
+    _retry(lambda: set_terminated(client, run_id, m["call"]["status"], _ms(m["call"]["ended_at"])))
     return run_id
 
 
@@ -219,7 +219,8 @@ _SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 _env_lock = threading.Lock()
 
 
-def _set_terminated(client: Any, run_id: str, status: str, end_ms: int) -> None:
+def set_terminated(client: Any, run_id: str, status: str, end_ms: int) -> None:
+    """End a run without MLflow printing its URL to stdout."""
     # Against an HTTP server, MlflowClient.set_terminated writes "View run ... at: URL" to stdout:
     # that would land in the user's output (and break `--json`). MLflow reads this switch at call
     # time, so it is turned on for just this call, unless the user set it themselves.

@@ -1,0 +1,153 @@
+"""``audit``: replay a sample of an experiment's recorded runs and report the reproduction rate.
+
+This is how a team checks that last month's images still come back after a driver or library
+upgrade. Each replay runs in its own fresh process (``workers`` at a time); the summary is logged as
+one MLflow run in the same experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ReproTrackError, RunNotFoundError
+
+OUTCOMES = ("exact", "close", "different", "not-rerun", "error")
+
+
+@dataclass(frozen=True)
+class AuditItem:
+    """One replayed run: what was expected and what happened."""
+
+    run_id: str
+    expected: str | None
+    observed: str
+    ok: bool
+    replay_run_id: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The reproduction rate of a sample, by expected and observed class."""
+
+    experiment: str
+    items: list[AuditItem] = field(default_factory=list)
+    audit_run_id: str | None = None
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """expected -> observed -> number of runs."""
+        table: dict[str, dict[str, int]] = {}
+        for item in self.items:
+            row = table.setdefault(item.expected or "error", {})
+            row[item.observed] = row.get(item.observed, 0) + 1
+        return table
+
+    @property
+    def rate(self) -> dict[str, float]:
+        """Share of the sample observed exact, and share observed at least as good as expected."""
+        n = len(self.items) or 1
+        return {"exact": sum(i.observed == "exact" for i in self.items) / n,
+                "ok": sum(i.ok for i in self.items) / n}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object ``--json`` prints."""
+        return {"experiment": self.experiment, "sampled": len(self.items), "rate": self.rate,
+                "counts": self.counts, "audit_run_id": self.audit_run_id,
+                "runs": [item.__dict__ for item in self.items]}
+
+
+def _recorded_runs(client: Any, experiment: str) -> tuple[str, list[str]]:
+    from . import tags
+
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        try:
+            found = client.get_experiment(experiment)
+        except Exception:
+            found = None
+    if found is None:
+        raise RunNotFoundError(f"no experiment named {experiment!r} in {client.tracking_uri}",
+                               run_ref=experiment)
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id],
+                                  filter_string=f"tags.`{tags.KIND}` = 'record' and "
+                                                "attributes.status = 'FINISHED'",
+                                  max_results=1000, page_token=token, order_by=["attributes.start_time ASC"])
+        runs += [r.info.run_id for r in page]
+        token = page.token
+        if not token:
+            return found.experiment_id, runs
+
+
+def _replay_one(run_id: str, options: dict[str, Any]) -> AuditItem:
+    from .replay import replay
+
+    try:
+        report = replay(run_id, **options)
+    except ReproTrackError as exc:
+        return AuditItem(run_id, None, "error", False, error=str(exc))
+    observed = report.observed or "not-rerun"
+    return AuditItem(run_id, report.expected, observed, report.ok, report.replay_run_id)
+
+
+def audit(experiment: str, *, tracking_uri: str | None = None, sample: int | None = None,
+          workers: int = 2, project_dir: str | None = None, seed: int = 0, log: bool = True,
+          log_replays: bool = True, progress: Callable[[str], None] = lambda _: None) -> AuditReport:
+    """Replay ``sample`` recorded runs (all when None) of an experiment, ``workers`` at a time."""
+    from . import store
+
+    client = store.client_for(tracking_uri)
+    experiment_id, runs = _recorded_runs(client, experiment)
+    if sample is not None and sample < len(runs):
+        runs = sorted(random.Random(seed).sample(runs, sample), key=runs.index)
+    progress(f"replaying {len(runs)} run(s) of {experiment!r} with {workers} worker(s)")
+    options = {"tracking_uri": client.tracking_uri, "project_dir": project_dir, "log": log_replays}
+    items: list[AuditItem] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for item in pool.map(lambda r: _replay_one(r, options), runs):
+            items.append(item)
+            progress(f"[{len(items)}/{len(runs)}] {item.run_id}: expected {item.expected}, "
+                     f"observed {item.observed}" + (f" ({item.error})" if item.error else ""))
+    report = AuditReport(experiment, items)
+    if log:
+        report = AuditReport(experiment, items, _log(client, experiment_id, report))
+    return report
+
+
+def _log(client: Any, experiment_id: str, report: AuditReport) -> str:
+    from mlflow.entities import Metric, Param, RunTag
+
+    from . import tags
+
+    now = int(time.time() * 1000)
+    run = client.create_run(experiment_id, run_name=f"audit-{time.strftime('%Y%m%d-%H%M%S')}",
+                            tags={tags.KIND: "audit"})
+    metrics = [Metric("rate_exact", report.rate["exact"], now, 0),
+               Metric("rate_ok", report.rate["ok"], now, 0),
+               Metric("sampled", float(len(report.items)), now, 0)]
+    for expected, row in report.counts.items():
+        metrics += [Metric(f"count.{expected}.{observed}", float(n), now, 0) for observed, n in row.items()]
+    lines = ["### repro-track audit", "", f"{len(report.items)} run(s) replayed; "
+             f"{report.rate['exact']:.0%} exact, {report.rate['ok']:.0%} as good as expected.", "",
+             "| expected | " + " | ".join(OUTCOMES) + " |", "|---" * (len(OUTCOMES) + 1) + "|"]
+    for expected, row in sorted(report.counts.items()):
+        lines.append(f"| {expected} | " + " | ".join(str(row.get(o, 0)) for o in OUTCOMES) + " |")
+    client.log_batch(run.info.run_id, metrics=metrics, params=[Param("sampled", str(len(report.items)))],
+                     tags=[RunTag(tags.MLFLOW_NOTE, "\n".join(lines))])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "audit.json"
+        path.write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True), "utf-8")
+        client.log_artifact(run.info.run_id, str(path), tags.ARTIFACT_DIR)
+    from . import store
+
+    store.set_terminated(client, run.info.run_id, "FINISHED", int(time.time() * 1000))
+    return run.info.run_id
