@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable
@@ -114,7 +115,11 @@ class Manifest:
                                 field="manifest_digest", run_id=run_id)
         _check_version(data, run_id)
         # The digest covers the bytes as written, so it is checked before any migration.
-        expected = digest_of(data)
+        try:
+            expected = digest_of(data)
+        except UnicodeEncodeError:  # a lone surrogate escape ("\ud800") has no UTF-8 form
+            raise ManifestError(f"run {run_id or '?'}: manifest is not valid Unicode text (it holds a "
+                                "lone surrogate escape)", run_id=run_id) from None
         if recorded != expected:
             raise IntegrityError(
                 f"run {run_id or '?'}: manifest digest mismatch (recorded {recorded[:12]}..., content "
@@ -149,7 +154,7 @@ def parse(raw: bytes | str, run_id: str | None = None) -> dict[str, Any]:
                             run_id=run_id)
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        data = json.loads(text, parse_constant=_refuse_constant)
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{where}manifest is not UTF-8 ({exc.reason} at byte {exc.start})",
                             run_id=run_id) from None
@@ -166,6 +171,14 @@ def parse(raw: bytes | str, run_id: str | None = None) -> dict[str, Any]:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in a manifest")
+
+
+def _finite_float(text: str) -> float:
+    # json reads 1e400 as inf, which the canonical form (and so the digest) cannot hold.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
 
 
 def _check_version(data: dict[str, Any], run_id: str | None) -> int:

@@ -147,7 +147,12 @@ def as_cpu_tensor(value: Any) -> Any:
 
     if _is_tensor(value):
         return value.detach().cpu().contiguous()
-    return torch.from_numpy(np.ascontiguousarray(value))
+    arr = np.asarray(value)
+    # ascontiguousarray returns at least 1-d; a 0-d output (a returned float) must keep shape ()
+    # or the saved file contradicts the manifest and the run reads as tampered.
+    arr = np.ascontiguousarray(arr).reshape(arr.shape)
+    # Read-only arrays (np.asarray of a PIL image) make torch warn in the user's process.
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
 def savable(value: Any) -> bool:

@@ -124,7 +124,8 @@ class Recorder:
     # ------------------------------------------------------------ the call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if settings.DISABLED.get():
+        self._local.outcome = None  # an unrecorded call must not leave the previous call's run behind
+        if _disabled():
             return self.fn(*args, **kwargs)
         result, error, recording = self.capture(args, kwargs)
         if recording is not None:
@@ -233,6 +234,15 @@ class Recorder:
                                  recording.manifest.digest, repr(exc))
 
 
+def _disabled() -> bool:
+    try:
+        return settings.DISABLED.get()
+    except ValueError as exc:
+        # A mistyped off switch must not break the call; not recording is the cautious reading of it.
+        warnings.warn(f"{exc}; recording is off", RecordingWarning, stacklevel=4)
+        return True
+
+
 def _type_name(value: Any) -> str:
     cls = type(value)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -252,7 +262,8 @@ def _error_record(error: BaseException | None) -> dict[str, str] | None:
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, RecordingWarning, stacklevel=4)
+    # Point at the user's call: _warn <- _capture <- capture <- __call__ <- wrapper <- caller.
+    warnings.warn(message, RecordingWarning, stacklevel=6)
 
 
 def record(fn: F | None = None, *, experiment: str | None = None, run_name: str | None = None,

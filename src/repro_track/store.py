@@ -7,6 +7,7 @@ under a deadline; if the server is down, slow or fails midway, it stays spooled 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -41,10 +42,36 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def client_for(uri: str | None = None) -> Any:
-    """An explicit MlflowClient for the resolved URI."""
+    """An explicit MlflowClient for the resolved URI (a new SQLite file is created safely)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    resolved = resolve_tracking_uri(uri)
+    if resolved.startswith("sqlite:"):
+        _sqlite_ready(resolved)  # before the client: constructing one may already touch the tables
+    return MlflowClient(tracking_uri=resolved)
+
+
+@functools.lru_cache(maxsize=32)
+def _sqlite_ready(uri: str) -> None:
+    # MLflow creates or migrates a SQLite store's tables on first use in each process; several
+    # processes doing that at once collide ("table ... already exists"). A file lock beside the
+    # database lets one process create the tables while the others wait, once per process.
+    from mlflow.tracking import MlflowClient
+
+    path = uri.split(":///", 1)[-1] if ":///" in uri else ""
+    if not path or path == ":memory:":
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; MLflow's own behaviour applies
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        return
+    with open(f"{path}.repro-track.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _retry(lambda: MlflowClient(tracking_uri=uri).search_experiments(max_results=1))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _retry(fn: Callable[[], T], attempts: int = 8) -> T:

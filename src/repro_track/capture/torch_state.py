@@ -248,8 +248,15 @@ def _numpy_state() -> dict[str, Any]:
 
 
 def _python_state() -> dict[str, Any]:
+    import array
+
     version, internal, gauss_next = random.getstate()
-    state = {"version": version, "internal": list(internal), "gauss_next": gauss_next}
+    # 624 Mersenne Twister words and the position: packed, not 625 JSON integers (smaller, faster).
+    words = array.array("I", internal[:-1])
+    if sys.byteorder != "little":
+        words.byteswap()
+    state = {"version": version, "key_b64": _b64(words.tobytes()), "pos": internal[-1],
+             "gauss_next": gauss_next}
     return {"state": state, "sha256": _json_sha(state), "consumed": False}
 
 
@@ -309,5 +316,11 @@ def restore_global_rng(states: dict[str, Any]) -> None:
         np.random.set_state(
             (npst["bit_generator"], keys, npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
         )
+    import array
+
     py = states["python"]["state"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    words = array.array("I")
+    words.frombytes(_unb64(py["key_b64"]))
+    if sys.byteorder != "little":
+        words.byteswap()
+    random.setstate((py["version"], tuple(words) + (py["pos"],), py["gauss_next"]))
