@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 _CHUNK = 16 * 1024 * 1024
+_STAT_CHUNK = 4 * 1024 * 1024  # elements per float64 temporary: 32 MiB
 _MIN_PREVIEW = 128  # pixels; PNGs are previews for the UI, the exact bits are in safetensors
 
 
@@ -100,22 +101,28 @@ def _finite(x: float) -> float | None:
 
 
 def _stats(value: Any) -> dict[str, float | None]:
-    import numpy as np
-
+    """min, max and sum of |x| in float64, a chunk at a time (no full-size temporary)."""
+    none = {"min": None, "max": None, "abs_sum": None}
     if _is_tensor(value):
         import torch
 
         t = value.detach()
         if t.numel() == 0 or t.dtype == torch.bool or t.is_complex():
-            return {"min": None, "max": None, "abs_sum": None}
-        t64 = t.double()
-        return {"min": _finite(float(t64.min())), "max": _finite(float(t64.max())),
-                "abs_sum": _finite(float(t64.abs().sum()))}
-    arr = np.asarray(value)
-    if arr.size == 0 or arr.dtype.kind not in "iuf":
-        return {"min": None, "max": None, "abs_sum": None}
-    return {"min": _finite(float(arr.min())), "max": _finite(float(arr.max())),
-            "abs_sum": _finite(float(np.abs(arr, dtype=np.float64).sum()))}
+            return none
+        flat = t.reshape(-1)
+        chunks = (flat[i:i + _STAT_CHUNK].double() for i in range(0, flat.numel(), _STAT_CHUNK))
+        parts = [(float(c.min()), float(c.max()), float(c.abs().sum())) for c in chunks]
+    else:
+        import numpy as np
+
+        arr = np.asarray(value)
+        if arr.size == 0 or arr.dtype.kind not in "iuf":
+            return none
+        flat = arr.reshape(-1)
+        parts = [(float(c.min()), float(c.max()), float(np.abs(c, dtype=np.float64).sum()))
+                 for c in (flat[i:i + _STAT_CHUNK] for i in range(0, flat.size, _STAT_CHUNK))]
+    return {"min": _finite(min(p[0] for p in parts)), "max": _finite(max(p[1] for p in parts)),
+            "abs_sum": _finite(math.fsum(p[2] for p in parts))}
 
 
 def dtype_name(value: Any) -> str:

@@ -147,6 +147,10 @@ class Recorder:
     def _capture(self, args: tuple, kwargs: dict, kind: str,
                  replay_of: str | None) -> tuple[Any, Exception | None, Recording | None]:
         try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError:  # the call itself is wrong: let the function raise its own TypeError
+            return self._call(args, kwargs) + (None,)
+        try:
             entry = self._enter(args, kwargs)
         except Exception as exc:  # capture is best effort; the generation must run regardless
             _warn(f"repro-track could not capture the call of {self.fn.__qualname__} ({exc!r}); "

@@ -78,8 +78,12 @@ def create(recording: Any, meta: dict[str, Any]) -> SpoolEntry:
     path.mkdir(parents=True, exist_ok=False)
     (path / OWNER_FILE).write_text(str(os.getpid()), "utf-8")
     entry = SpoolEntry(path, meta)
-    stage(recording, entry.artifacts)
-    _write_meta(entry)
+    try:
+        stage(recording, entry.artifacts)
+        _write_meta(entry)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)  # a half-staged entry would never be synced
+        raise
     return entry
 
 

@@ -275,24 +275,26 @@ def find_recording(client: Any, experiment_id: str, recording_id: str) -> str | 
     return None
 
 
-def _with_deadline(fn: Callable[[], T], seconds: float) -> T:
-    box: dict[str, Any] = {}
+def _upload_owned(client_factory: Callable[[], Any], entry: spool.SpoolEntry) -> dict[str, Any]:
+    """Upload in a worker thread that also settles the spool entry, however late it finishes.
+
+    While the worker runs, the entry stays owned by this (live) process, so ``repro-track sync``
+    leaves it alone: a slow upload and a sync can never both create the run.
+    """
+    box: dict[str, Any] = {"done": threading.Event()}
 
     def target() -> None:
         try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller's thread
+            box["run_id"] = upload(client_factory(), entry)
+            spool.delivered(entry)
+        except BaseException as exc:  # reported to the caller's thread if it still waits
             box["error"] = exc
+            spool.release(entry, repr(exc))
+        finally:
+            box["done"].set()
 
-    worker = threading.Thread(target=target, name="repro-track-upload", daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        raise StoreError(f"logging to MLflow took longer than {seconds:.0f} s "
-                         f"(set {settings.LOG_TIMEOUT.name} to wait longer)")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    threading.Thread(target=target, name="repro-track-upload", daemon=True).start()
+    return box
 
 
 def _parent_run(uri: str) -> tuple[str | None, str | None]:
@@ -308,8 +310,6 @@ def _parent_run(uri: str) -> tuple[str | None, str | None]:
 def deliver(recording: Any, options: Any, *, extra_tags: dict[str, str] | None = None) -> Any:
     """Stage in the spool, upload under a deadline, and report where the recording went."""
     import os
-
-    from .recorder import RecordOutcome, RecordingWarning
 
     uri = resolve_tracking_uri(options.tracking_uri)
     parent_id, parent_experiment = _parent_run(uri)
@@ -329,15 +329,33 @@ def deliver(recording: Any, options: Any, *, extra_tags: dict[str, str] | None =
     digest = recording.manifest.digest
     try:
         probe(uri)
-        run_id = _with_deadline(lambda: upload(client_for(uri), entry), settings.LOG_TIMEOUT.get())
-    except Exception as exc:
+    except StoreError as exc:
         spool.release(entry, repr(exc))
-        warnings.warn(
-            f"repro-track could not log to MLflow at {uri}: {exc}. The recording is kept in {entry.path}; "
-            "upload it later with `repro-track sync`.", RecordingWarning, stacklevel=5)
-        return RecordOutcome(None, uri, entry.path, digest, str(exc))
-    spool.delivered(entry)
-    return RecordOutcome(run_id, uri, None, digest)
+        return _spooled(uri, entry, digest, str(exc))
+    box = _upload_owned(lambda: client_for(uri), entry)
+    seconds = settings.LOG_TIMEOUT.get()
+    if not box["done"].wait(seconds):
+        return _spooled(uri, entry, digest,
+                        f"logging took longer than {seconds:.0f} s (set {settings.LOG_TIMEOUT.name} to "
+                        "wait longer); it goes on in the background", background=True)
+    if "error" in box:
+        return _spooled(uri, entry, digest, str(box["error"]))
+    return _outcome()(box["run_id"], uri, None, digest)
+
+
+def _outcome() -> Any:
+    from .recorder import RecordOutcome
+
+    return RecordOutcome
+
+
+def _spooled(uri: str, entry: spool.SpoolEntry, digest: str, problem: str, background: bool = False) -> Any:
+    from .recorder import RecordingWarning
+
+    where = ("stays in " if background else "is kept in ") + str(entry.path)
+    warnings.warn(f"repro-track could not log to MLflow at {uri}: {problem}. The recording {where}; "
+                  "upload it later with `repro-track sync`.", RecordingWarning, stacklevel=6)
+    return _outcome()(None, uri, entry.path, digest, problem)
 
 
 def _experiment_name(uri: str, experiment_id: str) -> str | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import outputs
-from .envvars import looks_like_secret_argument
+from .envvars import looks_like_secret_argument, looks_like_secret_value
 from .torch_state import generator_record
 
 _MAX_JSON_CHARS = 1_000_000
@@ -61,6 +61,17 @@ def _json_safe(value: Any, depth: int = 0) -> bool:
         return all(_json_safe(v, depth + 1) for v in value)
     if isinstance(value, dict):
         return all(isinstance(k, str) and _json_safe(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _contains_secret(value: Any, depth: int = 0) -> bool:
+    """Whether any string inside a JSON value looks like a credential (URL with password, token)."""
+    if isinstance(value, str):
+        return looks_like_secret_value(value)
+    if isinstance(value, (list, tuple)) and depth < 32:
+        return any(_contains_secret(v, depth + 1) for v in value)
+    if isinstance(value, dict) and depth < 32:
+        return any(_contains_secret(v, depth + 1) for v in value.values())
     return False
 
 
@@ -158,6 +169,10 @@ def _describe(name: str, value: Any, captured: CapturedArguments, max_input_byte
         refs = [_add_generator(captured, v, name, i) for i, v in enumerate(value)]
         return {"kind": "generators", "replayable": True, "reason": None, "generators": refs}
     if _json_safe(value):
+        if _contains_secret(value):
+            return {"kind": "redacted", "replayable": False,
+                    "reason": f"argument {name!r} holds a value that looks like a credential; "
+                              "it was not recorded"}
         text = json.dumps(value)
         if len(text) > _MAX_JSON_CHARS:
             return {"kind": "opaque", "replayable": False, "type": _type_name(value),
