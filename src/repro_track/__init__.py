@@ -21,7 +21,7 @@ from .recorder import RecordOutcome, RecordingWarning, last_recording, record
 __all__ = [
     "EntryPointRefused", "IntegrityError", "ManifestError", "NotReplayableError", "RecordOutcome",
     "RecordingWarning", "ReproTrackError", "RunNotFoundError", "StoreError", "__version__",
-    "deterministic", "last_recording", "record", "replay",
+    "deterministic", "last_recording", "parent_run", "record", "replay",
 ]
 
 
@@ -31,6 +31,10 @@ def __getattr__(name: str) -> Any:
         from .replay import replay
 
         return replay
+    if name == "parent_run":
+        from .group import parent_run
+
+        return parent_run
     if name == "deterministic":
         from .determinism import deterministic
 

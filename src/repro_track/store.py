@@ -298,9 +298,15 @@ def _upload_owned(client_factory: Callable[[], Any], entry: spool.SpoolEntry) ->
 
 
 def _parent_run(uri: str) -> tuple[str | None, str | None]:
-    """The caller's active run (id, experiment id) when it lives in the same store; read only."""
+    """The enclosing repro_track.parent_run, else the caller's active MLflow run (read only),
+    as (run id, experiment id) when it lives in the same store."""
     import mlflow
 
+    from .group import current_parent
+
+    group = current_parent()
+    if group is not None and group.tracking_uri == uri:
+        return group.run_id, group.experiment_id
     active = mlflow.active_run()
     if active is None or mlflow.get_tracking_uri() != uri:
         return None, None
