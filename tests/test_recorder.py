@@ -147,7 +147,7 @@ class TestDdimGeneration:
     def test_every_section(self, run: dict[str, Any]) -> None:
         m = run["manifest"]
         assert set(m) == SECTIONS
-        assert (m["schema_version"], m["kind"], m["replay_of"]) == (1, "record", None)
+        assert (m["schema_version"], m["kind"], m["replay_of"]) == (2, "record", None)
         assert m["manifest_digest"] == reference_digest(m) == run["run"].data.tags[tags.MANIFEST_DIGEST]
         call_keys = ("module", "qualname", "source_file", "replayable", "status", "error", "return_type")
         assert {k: m["call"][k] for k in call_keys} == {
@@ -214,7 +214,7 @@ class TestDdimGeneration:
         assert {k: found.get(k) for k in (tags.KIND, tags.SEED, tags.GENERATOR_DEVICE, tags.STATUS, tags.GPU,
                                           tags.TORCH, tags.SCHEMA_VERSION, tags.ENTRY_POINT)} == {
             tags.KIND: "record", tags.SEED: str(SEED), tags.GENERATOR_DEVICE: "cpu", tags.STATUS: "FINISHED",
-            tags.GPU: "none", tags.TORCH: torch.__version__, tags.SCHEMA_VERSION: "1",
+            tags.GPU: "none", tags.TORCH: torch.__version__, tags.SCHEMA_VERSION: "2",
             tags.ENTRY_POINT: "test_recorder:generate"}
 
     def test_params(self, run: dict[str, Any]) -> None:

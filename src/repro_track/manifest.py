@@ -18,13 +18,32 @@ from typing import Any, Callable
 
 from .errors import IntegrityError, ManifestError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _MAX_DEPTH = 64
 
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 kept Python's random state as 625 JSON integers; version 2 packs the 624 words."""
+    import array
+    import base64
+    import sys
+
+    python = data["randomness"]["global"]["python"]
+    state = python["state"]
+    internal = state.pop("internal")
+    words = array.array("I", internal[:-1])
+    if sys.byteorder != "little":
+        words.byteswap()
+    state["key_b64"] = base64.b64encode(words.tobytes()).decode("ascii")
+    state["pos"] = internal[-1]
+    python["sha256"] = hashlib.sha256(canonical_json(state)).hexdigest()
+    data["schema_version"] = 2
+    return data
+
+
 # Older schema versions are read by upgrading them one step at a time: MIGRATIONS[n] turns a
-# version-n manifest into version n+1. Version 1 is the first, so there is nothing to migrate yet.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+# version-n manifest into version n+1 (the digest is checked on the bytes as stored, before).
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
 
 
 def canonical_json(obj: Any) -> bytes:
