@@ -207,3 +207,22 @@ class TestSecretValuesProperty:
     def test_numeric_settings_survive(self, value: str) -> None:
         result = envvars.capture_env_vars({"CUBLAS_WORKSPACE_CONFIG": value})
         assert result["captured"] == {"CUBLAS_WORKSPACE_CONFIG": value}
+
+
+class TestLocationOnly:
+    """Cache and download locations are not recorded: they change no bits and are machine paths."""
+
+    @pytest.mark.parametrize("name", ["TORCHINDUCTOR_CACHE_DIR", "HF_HOME", "TORCH_HOME", "HF_HUB_CACHE"])
+    def test_not_captured(self, name):
+        from repro_track.capture.envvars import capture_env_vars
+
+        assert name not in capture_env_vars({name: "/somewhere/cache"})["captured"]
+
+    def test_diffusers_import_does_not_add_a_difference(self):
+        import subprocess
+        import sys
+
+        code = ("import json; from repro_track.capture.envvars import capture_env_vars as c; "
+                "a = c(); import diffusers.pipelines; b = c(); print(json.dumps(a == b))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip().endswith("true"), done.stderr[-1000:]

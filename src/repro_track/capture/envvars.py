@@ -33,6 +33,17 @@ ALLOWED_PREFIXES: tuple[str, ...] = (
     "MKL_", "ONEDNN_", "DNNL_", "OPENBLAS_", "TORCH_", "PYTORCH_", "TORCHINDUCTOR_",
     "DIFFUSERS_", "TRANSFORMERS_", "HF_", "ACCELERATE_", "XFORMERS_",
 )
+# Where caches and downloads live: under allowed prefixes, but they change no bits (the weights
+# digest covers what was loaded), and their values are machine paths. diffusers even sets
+# TORCHINDUCTOR_CACHE_DIR on import, which would otherwise differ between any two machines.
+LOCATION_ONLY: frozenset[str] = frozenset(
+    {
+        "TORCHINDUCTOR_CACHE_DIR", "TORCH_HOME", "TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_CACHE",
+        "HF_ASSETS_CACHE", "HF_DATASETS_CACHE", "HF_XET_CACHE", "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH",
+        "TRANSFORMERS_CACHE", "DIFFUSERS_CACHE", "CUDA_CACHE_PATH", "CUDA_CACHE_MAXSIZE",
+        "HF_HUB_DISABLE_PROGRESS_BARS", "DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY",
+    }
+)
 
 # Substrings that mark a variable name as a credential wherever they appear.
 _SECRET_NAME_PARTS: tuple[str, ...] = (
@@ -129,6 +140,8 @@ def capture_env_vars(environ: Mapping[str, str] | None = None) -> dict[str, Any]
 
 def is_allowed(name: str) -> bool:
     """Whether ``name`` is on the allow-list of variables that affect numerics or RNG."""
+    if name in LOCATION_ONLY:
+        return False
     return name in ALLOWED_NAMES or name.startswith(ALLOWED_PREFIXES)
 
 
