@@ -627,10 +627,10 @@ class TestGpu:
 
 HF_TOKEN = "hf_" + "Qw3rTy7UiOp9AsDfGh2JkLzXcV"
 SECRET_KEY = "pk-" + "9fd0c1e2b3a4958677f8e9d0c1b2a3f4"
-TORCH_HOME_PASSWORD = "s3cretpass"
+ENDPOINT_PASSWORD = "s3cretpass"
 GITHUB_TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 API_KEY = "sk-" + "live9aBcDeFgHiJkLmNoPqRsTuVwXyZ01"
-PLANTED = [HF_TOKEN, SECRET_KEY, TORCH_HOME_PASSWORD, GITHUB_TOKEN, API_KEY]
+PLANTED = [HF_TOKEN, SECRET_KEY, ENDPOINT_PASSWORD, GITHUB_TOKEN, API_KEY]
 
 SCRIPT = f'''
 import torch
@@ -672,7 +672,7 @@ def script_run(tmp_path_factory: pytest.TempPathFactory, _migrated_mlflow_db: Pa
            if k not in ("MLFLOW_EXPERIMENT_NAME", "REPRO_TRACK_DISABLE")}
     env.update(MLFLOW_TRACKING_URI=uri, REPRO_TRACK_SPOOL_DIR=str(root / "spool"), HF_HUB_OFFLINE="1",
                HF_TOKEN=HF_TOKEN, PYTORCH_SECRET_KEY=SECRET_KEY,
-               TORCH_HOME=f"https://user:{TORCH_HOME_PASSWORD}@host/x")
+               HF_ENDPOINT=f"https://user:{ENDPOINT_PASSWORD}@host/x")
     done = run_script(project / "gen.py", env=env, cwd=project)
     assert done.returncode == 0, done.stderr
     client = MlflowClient(tracking_uri=uri)
@@ -696,7 +696,7 @@ class TestScriptWithSecrets:
     def test_secrets_were_seen_and_withheld(self, script_run: dict[str, Any]) -> None:
         m = script_run["manifest"]
         assert {"HF_TOKEN", "PYTORCH_SECRET_KEY"} <= set(m["env_vars"]["dropped"])
-        assert m["env_vars"]["captured"]["TORCH_HOME"] == "<redacted>"
+        assert m["env_vars"]["captured"]["HF_ENDPOINT"] == "<redacted>"
         assert m["git"]["remote_url"] == "https://github.com/x/y.git"
         assert m["arguments"]["api_key"]["kind"] == "redacted"
 

@@ -18,19 +18,19 @@ from .errors import (EntryPointRefused, IntegrityError, ManifestError, NotReplay
                      ReproTrackError, RunNotFoundError, StoreError)
 from .recorder import RecordOutcome, RecordingWarning, last_recording, record
 
+# Imported eagerly: the subpackage shares the function's name, and importing it lazily would leave
+# `repro_track.replay` bound to the module. It needs only the standard library at import.
+from .replay import ReplayReport, replay
+
 __all__ = [
     "EntryPointRefused", "IntegrityError", "ManifestError", "NotReplayableError", "RecordOutcome",
-    "RecordingWarning", "ReproTrackError", "RunNotFoundError", "StoreError", "__version__",
+    "RecordingWarning", "ReplayReport", "ReproTrackError", "RunNotFoundError", "StoreError", "__version__",
     "deterministic", "last_recording", "parent_run", "record", "replay",
 ]
 
 
 def __getattr__(name: str) -> Any:
     # Heavy entry points load on first use so that the import itself stays cheap.
-    if name == "replay":
-        from .replay import replay
-
-        return replay
     if name == "parent_run":
         from .group import parent_run
 

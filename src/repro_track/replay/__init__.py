@@ -112,13 +112,20 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
         return report
 
 
+# The child runs in the project dir, but `python -m` would put that dir first on sys.path, so a project
+# file named like a module the child imports (json.py, typing.py) would run before any entry-point
+# check. The launcher drops it; the child adds the checked import root itself. (-P needs Python 3.11.)
+_CHILD_LAUNCHER = ("import sys; sys.path[:] = [p for p in sys.path if p != '']; import runpy; "
+                   "runpy.run_module('repro_track.replay.child', run_name='__main__', alter_sys=True)")
+
+
 def _run_child(plan: Any, out: Path) -> str | None:
     plan_file = out / "plan.json"
     plan_file.write_text(json.dumps(plan.to_dict()), "utf-8")
     env = {k: v for k, v in os.environ.items() if k not in plan.env_unset}
     env.update(plan.env_set)
     # The child's stdout is the user's function's stdout: send it to our stderr so --json stays clean.
-    proc = subprocess.run([sys.executable, "-m", "repro_track.replay.child", str(plan_file), str(out)],
+    proc = subprocess.run([sys.executable, "-c", _CHILD_LAUNCHER, str(plan_file), str(out)],
                           cwd=plan.project_dir, env=env, stdout=sys.stderr, stdin=subprocess.DEVNULL)
     result_file = out / "result.json"
     result = json.loads(result_file.read_text("utf-8")) if result_file.is_file() else {}

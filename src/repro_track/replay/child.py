@@ -90,10 +90,15 @@ def _value(name: str, arg: dict[str, Any], m: dict[str, Any], inputs: dict[str, 
     kind = arg["kind"]
     if kind == "json":
         return arg["value"]
-    if kind == "generator":
-        return rebuild_generator(m["randomness"]["generators"][arg["generators"][0]])
-    if kind == "generators":
-        return [rebuild_generator(m["randomness"]["generators"][i]) for i in arg["generators"]]
+    if kind in ("generator", "generators"):
+        records = [m["randomness"]["generators"][i] for i in arg["generators"]]
+        for record in records:
+            if record["device"].startswith("cuda") and not torch.cuda.is_available():
+                raise NotReplayableError(
+                    f"argument {name!r} is a CUDA generator ({record['device']}) and this machine has "
+                    "no usable CUDA device, so it cannot be rebuilt", argument=name)
+        gens = [rebuild_generator(record) for record in records]
+        return gens[0] if kind == "generator" else gens
     if kind in ("tensor", "ndarray") and name in inputs:
         tensor = inputs[name]
         return tensor.to(arg["device"]) if kind == "tensor" else tensor.numpy()
@@ -144,8 +149,17 @@ def run(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     _, error, recording = replayer.capture(tuple(args), kwargs, kind="replay", replay_of=plan["run_id"])
     if recording is None:
         raise ReproTrackError("the replayed call could not be captured (see the warning above)")
+    if plan["is_script"]:
+        recording = _as_script(recording)
     stage(recording, out_dir / "artifacts")
     return {"status": "ran", "call_error": f"{type(error).__name__}: {error}" if error else None}
+
+
+def _as_script(recording: Any) -> Any:
+    """The recording with its call named as the original's (``__main__``, a script), not by the module
+    name the child loaded the script under, so that the replay run can be replayed in turn."""
+    call = {**recording.manifest.call, "module": "__main__", "is_script": True}
+    return dataclasses.replace(recording, manifest=dataclasses.replace(recording.manifest, call=call))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,14 +117,18 @@ def child_environment(m: Manifest, here: Here) -> tuple[dict[str, str], list[str
     env_set = {k: v for k, v in recorded["captured"].items() if k not in recorded["redacted"]}
     notes = []
     capability = m.cpu.get("torch_capability")
-    if capability and "ATEN_CPU_CAPABILITY" not in env_set:
+    supported = bool(capability) and cpu.supports_capability(capability, here.cpu.get("isa_flags", []))
+    if capability and not supported:
+        # Also when the recording set ATEN_CPU_CAPABILITY itself (or is a replay, which pins it): x86
+        # does not check the level against the hardware, so kernels this CPU lacks crash with SIGILL.
+        env_set.pop("ATEN_CPU_CAPABILITY", None)
+        notes.append(f"ATen CPU kernels cannot be pinned to {capability} on this CPU")
+    elif capability and "ATEN_CPU_CAPABILITY" not in env_set:
         value = cpu.aten_capability_env_value(capability)
-        if value and cpu.supports_capability(capability, here.cpu.get("isa_flags", [])):
+        if value:
             env_set["ATEN_CPU_CAPABILITY"] = value
             if "ATEN_CPU_CAPABILITY" in unset:
                 unset.remove("ATEN_CPU_CAPABILITY")
-        else:
-            notes.append(f"ATen CPU kernels cannot be pinned to {capability} on this CPU")
     return env_set, unset, notes
 
 
