@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/repro-track replay "$$(cat .demo/run_id)"
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 # The MLflow UI test drives Debian's Chromium; install it where we can (CI runs as root).
 chromium:
