@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 _CHUNK = 16 * 1024 * 1024
-_STAT_CHUNK = 4 * 1024 * 1024  # elements per float64 temporary: 32 MiB
+_STAT_CHUNK = 1024 * 1024  # elements per chunk: small temporaries that stay in cache
+_PARALLEL_BYTES = 4 * 1024 * 1024  # above this, hash in a thread while the statistics run
 _MIN_PREVIEW = 128  # pixels; PNGs are previews for the UI, the exact bits are in safetensors
 
 
@@ -101,7 +102,7 @@ def _finite(x: float) -> float | None:
 
 
 def _stats(value: Any) -> dict[str, float | None]:
-    """min, max and sum of |x| in float64, a chunk at a time (no full-size temporary)."""
+    """min, max and sum of |x|, a chunk at a time: no full-size temporary, sums in float64."""
     none = {"min": None, "max": None, "abs_sum": None}
     if _is_tensor(value):
         import torch
@@ -110,8 +111,7 @@ def _stats(value: Any) -> dict[str, float | None]:
         if t.numel() == 0 or t.dtype == torch.bool or t.is_complex():
             return none
         flat = t.reshape(-1)
-        chunks = (flat[i:i + _STAT_CHUNK].double() for i in range(0, flat.numel(), _STAT_CHUNK))
-        parts = [(float(c.min()), float(c.max()), float(c.abs().sum())) for c in chunks]
+        parts = [_tensor_part(flat[i:i + _STAT_CHUNK]) for i in range(0, flat.numel(), _STAT_CHUNK)]
     else:
         import numpy as np
 
@@ -119,10 +119,21 @@ def _stats(value: Any) -> dict[str, float | None]:
         if arr.size == 0 or arr.dtype.kind not in "iuf":
             return none
         flat = arr.reshape(-1)
-        parts = [(float(c.min()), float(c.max()), float(np.abs(c, dtype=np.float64).sum()))
+        parts = [(float(c.min()), float(c.max()), float(np.add.reduce(np.abs(c), dtype=np.float64)))
                  for c in (flat[i:i + _STAT_CHUNK] for i in range(0, flat.size, _STAT_CHUNK))]
     return {"min": _finite(min(p[0] for p in parts)), "max": _finite(max(p[1] for p in parts)),
             "abs_sum": _finite(math.fsum(p[2] for p in parts))}
+
+
+def _tensor_part(chunk: Any) -> tuple[float, float, float]:
+    import torch
+
+    low, high = torch.aminmax(chunk)  # exact in the tensor's own dtype
+    if chunk.is_floating_point():
+        total = torch.linalg.vector_norm(chunk, 1, dtype=torch.float64)
+    else:
+        total = chunk.abs().sum(dtype=torch.float64)
+    return float(low), float(high), float(total)
 
 
 def dtype_name(value: Any) -> str:
@@ -133,17 +144,29 @@ def dtype_name(value: Any) -> str:
 def describe(item: NamedArray, saved: bool = True) -> dict[str, Any]:
     """The manifest record of one output: identity, digest and the doc-style fingerprints."""
     value = item.value
-    device = str(value.device) if _is_tensor(value) else "cpu"
+    if _is_tensor(value) and value.device.type != "cpu":
+        value = value.detach().cpu()  # one copy off the device, shared by the digest and the stats
+    nbytes = int(to_numpy_view(value).nbytes)
+    if nbytes > _PARALLEL_BYTES:
+        # hashlib and torch/numpy release the GIL on large buffers: digest and stats overlap.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            digest = pool.submit(sha256_of, value)
+            stats = _stats(value)
+            sha = digest.result()
+    else:
+        sha, stats = sha256_of(value), _stats(value)
     return {
         "name": item.name,
         "source": item.source,
         "dtype": dtype_name(value),
         "shape": [int(n) for n in value.shape],
-        "device": device,
-        "nbytes": int(to_numpy_view(value).nbytes),
-        "sha256": sha256_of(value),
+        "device": str(item.value.device) if _is_tensor(item.value) else "cpu",
+        "nbytes": nbytes,
+        "sha256": sha,
         "saved": saved,
-        **_stats(value),
+        **stats,
     }
 
 

@@ -76,10 +76,17 @@ def _version() -> str:
     return __version__
 
 
-def _call_site(fn: Callable[..., Any]) -> dict[str, Any]:
-    """module, qualname, project-relative source file and source digest, and whether it replays."""
+@functools.lru_cache(maxsize=256)
+def _function_source(path: str, mtime_ns: int, size: int, qualname: str) -> tuple[Any, Path]:
+    # Keyed on the file's mtime and size: re-read (and the project root re-found) only on change.
     from .entrypoint import function_source, project_root_for
 
+    text = Path(path).read_text("utf-8", errors="replace")
+    return function_source(text, qualname), project_root_for(Path(path))
+
+
+def _call_site(fn: Callable[..., Any]) -> dict[str, Any]:
+    """module, qualname, project-relative source file and source digest, and whether it replays."""
     info: dict[str, Any] = {"module": fn.__module__ or "?", "qualname": fn.__qualname__,
                             "is_script": fn.__module__ == "__main__", "source_file": None,
                             "source_sha256": None, "replayable": False, "reason": None}
@@ -90,12 +97,12 @@ def _call_site(fn: Callable[..., Any]) -> dict[str, Any]:
     if not path.is_file():
         info["reason"] = "the function's source file is unknown (defined interactively?)"
         return info
-    source = function_source(path.read_text("utf-8", errors="replace"), fn.__qualname__)
+    stat = path.stat()
+    source, root = _function_source(str(path), stat.st_mtime_ns, stat.st_size, fn.__qualname__)
     if source is None:
         info["reason"] = (f"{fn.__qualname__} is not defined at module or class level, so it cannot "
                           "be imported again")
         return info
-    root = project_root_for(path)
     try:
         info["source_file"] = path.resolve().relative_to(root).as_posix()
     except ValueError:
@@ -115,6 +122,7 @@ class Recorder:
         self.options = options
         self.signature = inspect.signature(fn)
         self._local = threading.local()
+        self._git_pool: Any = None
 
     @property
     def last(self) -> RecordOutcome | None:
@@ -183,6 +191,7 @@ class Recorder:
         bound.apply_defaults()
         captured = arguments.capture_arguments(bound, settings.MAX_INPUT_BYTES.get())
         return {
+            "git": self._git_in_background(),
             "args": captured,
             "global": torch_state.global_rng_states(),
             "knobs": torch_state.determinism_knobs(),
@@ -190,6 +199,20 @@ class Recorder:
             "started_at": _now(),
             "started": time.perf_counter(),
         }
+
+    def _git_in_background(self) -> Any:
+        """Start git capture now; its subprocess runs while the user's function does."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .capture.git import capture_git
+
+        if self._git_pool is None:
+            self._git_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="repro-track-git")
+        try:
+            where = Path(inspect.getsourcefile(self.fn) or Path.cwd())
+        except TypeError:
+            where = Path.cwd()
+        return self._git_pool.submit(capture_git, where if where.exists() else Path.cwd())
 
     def _finish(self, entry: dict, result: Any, error: BaseException | None, kind: str,
                 replay_of: str | None) -> Recording:
@@ -201,8 +224,7 @@ class Recorder:
             record["consumed_by_call"] = torch_state.generator_state_digest(gen) != record["state_sha256"]
         items = outputs.normalise(result) if error is None else []
         site = _call_site(self.fn)
-        source = Path(inspect.getsourcefile(self.fn) or ".") if site["source_file"] else None
-        env = environment(source)
+        env = environment(None, git_state=entry["git"].result())
         knobs = entry["knobs"]
         knobs["cuda_used"] = torch_state.determinism_knobs()["cuda_used"]
         manifest = Manifest(

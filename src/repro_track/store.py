@@ -184,6 +184,22 @@ def _metrics(m: dict[str, Any], extra: dict[str, float], now_ms: int) -> list[An
     return [Metric(_param_key(k), float(v), now_ms, 0) for k, v in values.items() if v is not None]
 
 
+_experiment_ids: dict[tuple[str, str], str] = {}
+
+
+def experiment_id_for(client: Any, name: str) -> str:
+    """ensure_experiment, remembered per store and name for this process (one lookup per run saved)."""
+    key = (client.tracking_uri, name)
+    if key not in _experiment_ids:
+        _experiment_ids[key] = ensure_experiment(client, name)
+    return _experiment_ids[key]
+
+
+def forget_experiment(client: Any, name: str) -> None:
+    """Drop a remembered id (after a failed write: the experiment may have been deleted)."""
+    _experiment_ids.pop((client.tracking_uri, name), None)
+
+
 def ensure_experiment(client: Any, name: str) -> str:
     """The experiment id for a name, creating it (tolerating a concurrent creator)."""
     found = _retry(lambda: client.get_experiment_by_name(name))
@@ -208,14 +224,23 @@ def _ms(iso: str) -> int:
 
 def upload(client: Any, entry: spool.SpoolEntry, *, dedupe: bool = False) -> str:
     """Create the run for a staged recording and log everything; returns the run id."""
+    meta = entry.meta
+    m = json.loads((entry.artifacts / tags.MANIFEST_PATH).read_text("utf-8"))
+    experiment_id = experiment_id_for(client, meta["experiment"])
+    try:
+        return _upload(client, entry, m, experiment_id, dedupe)
+    except Exception:
+        forget_experiment(client, meta["experiment"])
+        raise
+
+
+def _upload(client: Any, entry: spool.SpoolEntry, m: dict[str, Any], experiment_id: str,
+            dedupe: bool) -> str:
     from mlflow.entities import Param, RunTag
 
     from .card import record_card
 
     meta = entry.meta
-    raw = (entry.artifacts / tags.MANIFEST_PATH).read_text("utf-8")
-    m = json.loads(raw)
-    experiment_id = ensure_experiment(client, meta["experiment"])
     if dedupe:
         done = find_recording(client, experiment_id, entry.recording_id)
         if done is not None:

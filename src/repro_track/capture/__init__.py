@@ -57,12 +57,20 @@ def clear_cache() -> None:
     _static.cache_clear()
 
 
-def environment(source_path: Path | None, *, with_git: bool = True) -> Environment:
-    """Everything about this process and machine that can change a call's output bits."""
+def environment(source_path: Path | None, *, with_git: bool = True,
+                git_state: tuple[dict[str, Any], str | None] | None = None) -> Environment:
+    """Everything about this process and machine that can change a call's output bits.
+
+    ``git_state`` is a ``capture_git`` result taken earlier (the recorder starts it at call entry
+    so that git's subprocess runs while the generation does).
+    """
     from . import envvars, git, gpu
 
     software, cpu_section, requirements = static_facts()
-    git_section, diff = git.capture_git(source_path or Path.cwd()) if with_git else (_no_git(), None)
+    if git_state is not None:
+        git_section, diff = git_state
+    else:
+        git_section, diff = git.capture_git(source_path or Path.cwd()) if with_git else (_no_git(), None)
     return Environment(
         cpu=cpu_section,
         gpu=gpu.capture_gpu(),

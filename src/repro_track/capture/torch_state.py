@@ -155,7 +155,10 @@ def apply_knobs(knobs: dict[str, Any]) -> None:
         except RuntimeError as exc:
             log.warning("could not restore %d inter-op threads: %s", knobs["num_interop_threads"], exc)
     torch.set_num_threads(knobs["num_threads"])
-    torch.use_deterministic_algorithms(knobs["deterministic_algorithms"], warn_only=knobs["warn_only"])
+    # Setting this switch imports torch's compiler stack (about a second): only when it changes.
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) \
+            != (knobs["deterministic_algorithms"], knobs["warn_only"]):
+        torch.use_deterministic_algorithms(knobs["deterministic_algorithms"], warn_only=knobs["warn_only"])
     torch.backends.cudnn.deterministic = knobs["cudnn_deterministic"]
     torch.backends.cudnn.benchmark = knobs["cudnn_benchmark"]
     torch.backends.cudnn.enabled = knobs["cudnn_enabled"]
