@@ -160,8 +160,9 @@ class TestFromJson:
         (lambda d: d.update(kind="rerun"), "kind", "is not one of"),
         (lambda d: d.update(surprise=1), "(top level)", "surprise"),
         (lambda d: d["arguments"]["n"].update(value=nested(80)), None, "nests deeper than 64"),
+        (lambda d: d["call"].update(qualname="x" * 2000), "call/qualname", "is too long"),
     ], ids=["newer-version", "unknown-older-version", "string-version", "missing-section", "missing-field",
-            "wrong-type", "bad-digest-pattern", "bad-enum", "unknown-field", "deep-nesting"])
+            "wrong-type", "bad-digest-pattern", "bad-enum", "unknown-field", "deep-nesting", "huge-string"])
     def test_invalid_content(self, data: dict[str, Any], edit: Callable[[dict], Any], field: str | None,
                              words: str) -> None:
         edit(data)

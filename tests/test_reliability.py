@@ -290,3 +290,49 @@ class TestRecordingEdges:
         assert m["arguments"]["source"]["kind"] == "redacted"
         blobs = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
         assert not any(b"hunter2-very-secret" in blob for blob in blobs)
+
+
+class TestSyncResumes:
+    """A sync interrupted after creating a run leaves it unfinished; the next sync redoes it once."""
+
+    def test_partial_run_is_replaced(self, migrated_store, tmp_path, monkeypatch):
+        import torch
+
+        import repro_track
+        from repro_track import spool, store, tags
+
+        monkeypatch.setenv("REPRO_TRACK_PROBE_TIMEOUT", "0.5")
+
+        @repro_track.record(experiment="resume", tracking_uri="http://127.0.0.1:9")  # nothing listens
+        def make():
+            return torch.ones(2)
+
+        with pytest.warns(repro_track.RecordingWarning):
+            make()
+        entry = next(spool.pending())
+        client = store.client_for(migrated_store)
+        # What an interrupted sync leaves behind: the run exists, tagged, but never finished.
+        experiment_id = store.ensure_experiment(client, "resume")
+        client.create_run(experiment_id, tags={tags.SPOOL_ID: entry.recording_id})
+        done = run_cli("sync", "--tracking-uri", migrated_store, env={**os.environ})
+        assert done.returncode == 0, done.stderr
+        runs = _runs(migrated_store, "resume")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert runs[0].data.tags[tags.SPOOL_ID] == entry.recording_id
+        assert list(spool.pending()) == []
+
+
+class TestNoPickle:
+    """Nothing in the package can unpickle a run's files: safetensors and JSON only."""
+
+    def test_no_pickle_loading_in_the_package(self):
+        import re
+
+        import repro_track
+
+        root = Path(repro_track.__file__).parent
+        pattern = re.compile(r"\btorch\.load\(|^\s*(import|from)\s+(pickle|joblib|dill|cloudpickle)\b"
+                             r"|\bpickle\.loads?\(|allow_pickle\s*=\s*True|\bnp\.load\(")
+        offenders = [f"{path.relative_to(root)}:{n}" for path in root.rglob("*.py")
+                     for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+        assert offenders == []

@@ -78,8 +78,18 @@ def validate(data: dict[str, Any], run_id: str | None = None) -> None:
     error = next(iter(sorted(_validator().iter_errors(data), key=lambda e: list(e.path))), None)
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        message = error.message if len(error.message) < 300 else error.message[:300] + "..."
+        message = error.message if len(error.message) < 300 else _short_message(error)
         raise ManifestError(f"manifest field {where}: {message}", field=where, run_id=run_id)
+
+
+def _short_message(error: Any) -> str:
+    """A readable message for an error whose offending value is huge (never echo the value)."""
+    instance = error.instance
+    what = (f"a {type(instance).__name__} of length {len(instance)}" if hasattr(instance, "__len__")
+            else f"a {type(instance).__name__}")
+    if error.validator in ("maxLength", "maxItems", "maxProperties"):
+        return f"{what} is too long ({error.validator} {error.validator_value})"
+    return f"{what} fails the schema's {error.validator} check ({str(error.validator_value)[:80]})"
 
 
 @dataclass(frozen=True)
