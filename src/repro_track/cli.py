@@ -93,23 +93,71 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _show_text(run_id: str, m: dict[str, Any], replays: list[str], run_tags: dict[str, str]) -> str:
-    from .card import record_card
+    from .rules import risks
 
-    lines = [record_card(m, run_id).replace("**", "").replace("### ", "")]
-    lines.append("")
-    lines.append("generators:")
+    call, sw, cpu, gpu, k = m["call"], m["software"], m["cpu"], m["gpu"], m["determinism"]
+    where = call["source_file"] or call["module"]
+    out = [f"run {run_id}  ({m['kind']}{', replay of ' + m['replay_of'] if m['replay_of'] else ''})", "",
+           "call", f"  {where}:{call['qualname']}  {call['status']}  {call['duration_s']:.3f} s  "
+           f"started {call['started_at']}"]
+    if call["error"]:
+        out.append(f"  error {call['error']['type']}: {call['error']['message'][:200]}")
+    out += ["", "arguments"]
+    out += [f"  {name:<20} {_arg_text(arg)}" for name, arg in m["arguments"].items()]
+    out += ["", "randomness"]
     for g in m["randomness"]["generators"]:
-        lines.append(f"  {g['argument']}[{g['position'] if g['position'] is not None else ''}] "
-                     f"{g['device']} seed {g['initial_seed']} state {g['state_sha256'][:16]} "
-                     f"{'fresh' if g['fresh'] else 'consumed before the call'}")
-    lines.append("knobs: " + ", ".join(f"{k}={v}" for k, v in sorted(m["determinism"].items())
-                                       if k != "sdp"))
-    lines.append(f"git: {m['git'].get('commit') or m['git'].get('reason')}"
-                 f"{' (dirty)' if m['git'].get('dirty') else ''}")
+        pos = f"[{g['position']}]" if g["position"] is not None else ""
+        out.append(f"  {g['argument']}{pos:<4} {g['device']} generator, seed {g['initial_seed']}, state "
+                   f"{g['state_sha256'][:16]} ({'fresh' if g['fresh'] else 'consumed before the call'})")
+    used = [n for n, st in m["randomness"]["global"].items()
+            if st.get("consumed") or any(d["consumed"] for d in st.get("devices", []))]
+    out.append(f"  global RNGs drawn from by the call: {', '.join(used) or 'none'}")
+    gpu_text = ", ".join(f"{d['name']} ({d.get('sm_count') or '?'} SMs, cc {d['compute_capability']})"
+                         for d in gpu["devices"]) if gpu["available"] else gpu["reason"]
+    out += ["", "hardware",
+            f"  cpu    {cpu.get('model')} ({cpu['architecture']}), kernels {cpu.get('torch_capability')}, "
+            f"{cpu.get('logical_cores')} cores",
+            f"  gpu    {gpu_text}" + (f", driver {gpu['driver_version']}" if gpu["available"] else ""),
+            "", "software",
+            f"  python {sw['python']['version']}, torch {sw['torch']['version']} (CUDA {sw['torch']['cuda']}, "
+            f"cuDNN {sw['torch']['cudnn']}), " + ", ".join(f"{n} {v}" for n, v in sw["packages"].items()
+                                                            if v and n not in ("torch",)),
+            "", "determinism" + (" (fully deterministic)" if k["fully_deterministic"] else "")]
+    knobs = [f"{n}={v}" for n, v in sorted(k.items()) if n not in ("sdp", "fully_deterministic")]
+    out += [f"  {'  '.join(knobs[i:i + 3])}" for i in range(0, len(knobs), 3)]
+    env = m["env_vars"]["captured"]
+    out += ["", "environment variables"] + ([f"  {n}={v}" for n, v in env.items()] or ["  (none set)"])
+    git = m["git"]
+    out += ["", "git", f"  {git.get('commit') or git.get('reason')}"
+            + (f" on {git['branch']}" if git.get("branch") else "")
+            + (" (uncommitted changes saved as repro/git.diff)" if git.get("dirty") else "")]
+    out += ["", "outputs"]
+    out += [f"  {o['name']:<12} {o['dtype']:<8} {str(o['shape']):<18} sha256 {o['sha256']}  "
+            f"abs_sum {o['abs_sum']}" for o in m["outputs"]] or ["  (none)"]
+    out += ["", "risks to exact reproduction elsewhere"] + [f"  - {r}" for r in risks(m)]
+    lines = json.loads(run_tags.get("repro.replay_lines", "[]"))
     if replays:
-        lines.append("replays:")
-        lines += [f"  {line}" for line in json.loads(run_tags.get("repro.replay_lines", "[]"))]
-    return "\n".join(lines)
+        out += ["", "replays"] + [f"  {_strip_link(line)}" for line in lines]
+    return "\n".join(out)
+
+
+def _arg_text(arg: dict[str, Any]) -> str:
+    if arg["kind"] == "json":
+        text = json.dumps(arg["value"])
+    elif arg["kind"] == "pipeline":
+        text = f"{arg['pipeline']['class'].rsplit('.', 1)[-1]} from {arg['pipeline']['name_or_path']}"
+    elif arg["kind"] in ("tensor", "ndarray"):
+        text = f"{arg['kind']} {arg['dtype']} {arg['shape']} sha256 {arg['sha256'][:16]}"
+    else:
+        text = arg.get("value") or arg["kind"]
+    text = text if len(text) <= 90 else text[:87] + "..."
+    return text + ("" if arg["replayable"] else f"  (not replayable: {arg['reason']})")
+
+
+def _strip_link(line: str) -> str:
+    import re
+
+    return re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", line)
 
 
 # ---------------------------------------------------------------- diff
