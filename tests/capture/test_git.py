@@ -237,3 +237,18 @@ class TestNotARepository:
         assert section["available"] is False
         assert str(repo) not in section["reason"]
         assert diff is None
+
+
+class TestDiffScrub:
+    """Uncommitted lines that hold a credential are blanked in the diff; its digest stays the real one."""
+
+    def test_secret_line_blanked(self, repo: Path):
+        target = next(p for p in repo.iterdir() if p.suffix == ".py")
+        planted = "hf_" + "Q7x2Lm9PzR4kT8vW1nY6bC3dF5gH0jKs"
+        target.write_text(target.read_text() + f'HF_TOKEN = "{planted}"\nsteps = 50\n')
+        section, diff = git_capture.capture_git(repo)
+        assert planted not in diff
+        assert "+<redacted: this line looks like it holds a credential>" in diff
+        assert "+steps = 50" in diff
+        real = subprocess.run(["git", "-C", str(repo), "diff", "HEAD"], capture_output=True).stdout
+        assert section["diff_sha256"] == hashlib.sha256(real).hexdigest()

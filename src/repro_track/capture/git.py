@@ -223,11 +223,22 @@ def _diff_facts(raw: bytes) -> tuple[str, dict[str, Any]]:
     # An incremental decoder holds back a multi-byte character cut in half by the cap
     # instead of turning it into a replacement character.
     text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(kept, final=not truncated)
-    return text, {
+    return _scrub(text), {
         "diff_sha256": hashlib.sha256(raw).hexdigest(),
         "diff_bytes": len(raw),
         "diff_truncated": truncated,
     }
+
+
+def _scrub(diff: str) -> str:
+    """Blank out diff lines that look like they hold a credential (the digest covers the real diff)."""
+    from .envvars import looks_like_secret_value
+
+    lines = diff.split("\n")
+    for i, line in enumerate(lines):
+        if line[:1] in "+- " and not line.startswith(("+++", "---")) and looks_like_secret_value(line[1:]):
+            lines[i] = line[:1] + "<redacted: this line looks like it holds a credential>"
+    return "\n".join(lines)
 
 
 def _remote_url(repo: Any) -> str | None:
