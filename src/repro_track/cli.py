@@ -7,10 +7,11 @@ Heavy modules load inside each command, so ``repro-track --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import __version__
 from .errors import ReproTrackError
@@ -72,18 +73,26 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-# ---------------------------------------------------------------- show
-
-def cmd_show(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _loaded_runs(tracking_uri: str | None, *refs: str) -> Iterator[list[Any]]:
+    """Fetch and check runs into one temporary folder, kept while the caller reads their files."""
     import tempfile
     from pathlib import Path
 
-    from . import store, tags
+    from . import store
 
-    client = store.client_for(args.tracking_uri)
+    client = store.client_for(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = store.load_run(client, args.run, Path(tmp))
-    m = loaded.manifest.to_dict()
+        yield [store.load_run(client, ref, Path(tmp) / str(i)) for i, ref in enumerate(refs)]
+
+
+# ---------------------------------------------------------------- show
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from . import tags
+
+    with _loaded_runs(args.tracking_uri, args.run) as (loaded,):
+        m = loaded.manifest.to_dict()
     replays = [r for r in loaded.run_tags.get(tags.REPLAYS, "").split(",") if r]
     if args.json:
         print(json.dumps({"run_id": loaded.run_id, "manifest": m, "replays": replays}, sort_keys=True))
@@ -163,16 +172,10 @@ def _strip_link(line: str) -> str:
 # ---------------------------------------------------------------- diff
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    import tempfile
-    from pathlib import Path
-
-    from . import outputs, store
+    from . import outputs
     from .explain import differences, output_differences
 
-    client = store.client_for(args.tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        a = store.load_run(client, args.run_a, Path(tmp) / "a")
-        b = store.load_run(client, args.run_b, Path(tmp) / "b")
+    with _loaded_runs(args.tracking_uri, args.run_a, args.run_b) as (a, b):
         ma, mb = a.manifest.to_dict(), b.manifest.to_dict()
         arrays_a = outputs.load_arrays(a.outputs_path) if a.outputs_path else {}
         arrays_b = outputs.load_arrays(b.outputs_path) if b.outputs_path else {}
@@ -232,15 +235,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
-    import tempfile
     from pathlib import Path
 
-    from . import store, tags
+    from . import tags
     from .export import export
 
-    client = store.client_for(args.tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = store.load_run(client, args.run, Path(tmp))
+    with _loaded_runs(args.tracking_uri, args.run) as (loaded,):
         document = export(loaded.manifest.to_dict(), loaded.run_id, args.format)
         text = json.dumps(document, indent=2, sort_keys=True) + "\n"
         if not args.output:
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"repro-track {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def run_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("run", help="run id, runs:/<id> URI, or run URL from the MLflow UI")
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
                                               "else MLflow's default sqlite:///mlflow.db)")
@@ -330,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rebuild a recorded run's environment in a fresh process, rerun "
                        "it and compare outputs. Exit 0 ok, 1 worse than expected, 2 bad input or "
                        "refused, 3 cannot be reproduced here (not rerun).")
-    p.add_argument("run", help="run id, runs:/<id> URI, or run URL from the MLflow UI")
+    run_arg(p)
     common(p)
     p.add_argument("--project-dir", help="folder the run was recorded in (default: current directory)")
     p.add_argument("--dry-run", action="store_true", help="print the prediction and plan; run nothing")
@@ -342,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("show", help="print a recorded run's manifest for people (or --json)")
-    p.add_argument("run", help="run id, runs:/<id> URI, or run URL from the MLflow UI")
+    run_arg(p)
     common(p)
     p.set_defaults(func=cmd_show)
 
@@ -358,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("export", help="export a run's provenance as PROV-JSON, RO-Crate or in-toto")
-    p.add_argument("run", help="run id, runs:/<id> URI, or run URL from the MLflow UI")
+    run_arg(p)
     p.add_argument("--format", required=True, choices=["prov", "ro-crate", "in-toto"])
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                                          "else MLflow's default sqlite:///mlflow.db)")
     p.add_argument("-o", "--output", help="write to this file (for ro-crate: a folder holding the crate) "
                                           "instead of stdout")
     p.set_defaults(func=cmd_export)
@@ -386,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug() -> bool:
+    from . import settings
+
+    try:
+        return settings.DEBUG.get()
+    except ValueError:  # a mistyped switch: show the traceback, the safer reading for debugging
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -396,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ReproTrackError as exc:
-        if os.environ.get("REPRO_TRACK_DEBUG"):
+        if _debug():
             raise
         print(f"repro-track: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

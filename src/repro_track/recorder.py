@@ -155,11 +155,11 @@ class Recorder:
     def _capture(self, args: tuple, kwargs: dict, kind: str,
                  replay_of: str | None) -> tuple[Any, Exception | None, Recording | None]:
         try:
-            self.signature.bind(*args, **kwargs)
+            bound = self.signature.bind(*args, **kwargs)
         except TypeError:  # the call itself is wrong: let the function raise its own TypeError
             return self._call(args, kwargs) + (None,)
         try:
-            entry = self._enter(args, kwargs)
+            entry = self._enter(bound)
         except Exception as exc:  # capture is best effort; the generation must run regardless
             _warn(f"repro-track could not capture the call of {self.fn.__qualname__} ({exc!r}); "
                   "it runs unrecorded")
@@ -184,10 +184,9 @@ class Recorder:
 
     # ------------------------------------------------------------ capture at entry and exit
 
-    def _enter(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+    def _enter(self, bound: inspect.BoundArguments) -> dict[str, Any]:
         from .capture import arguments, envvars, torch_state
 
-        bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         captured = arguments.capture_arguments(bound, settings.MAX_INPUT_BYTES.get())
         return {
@@ -226,7 +225,7 @@ class Recorder:
         site = _call_site(self.fn)
         env = environment(None, git_state=entry["git"].result())
         knobs = entry["knobs"]
-        knobs["cuda_used"] = torch_state.determinism_knobs()["cuda_used"]
+        knobs["cuda_used"] = torch_state.cuda_started()  # the call may have started CUDA
         manifest = Manifest(
             kind=kind,
             replay_of=replay_of,

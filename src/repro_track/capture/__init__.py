@@ -1,7 +1,8 @@
 """Capture: one module per source of facts (torch, cpu, gpu, git, env vars, packages, arguments).
 
 ``static_facts`` gathers what cannot change during a process (versions, CPU identity) once;
-``environment`` adds the per-call facts (env vars, git state, GPU fields torch filled in).
+``environment`` adds the per-call facts (git state, GPU fields torch filled in); the recorder takes
+the environment variables itself at call entry.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ class Environment:
     cpu: dict[str, Any]
     gpu: dict[str, Any]
     software: dict[str, Any]
-    env_vars: dict[str, Any]
     git: dict[str, Any]
     git_diff: str | None
     requirements: str
@@ -64,7 +64,7 @@ def environment(source_path: Path | None, *, with_git: bool = True,
     ``git_state`` is a ``capture_git`` result taken earlier (the recorder starts it at call entry
     so that git's subprocess runs while the generation does).
     """
-    from . import envvars, git, gpu
+    from . import git, gpu
 
     software, cpu_section, requirements = static_facts()
     if git_state is not None:
@@ -75,7 +75,6 @@ def environment(source_path: Path | None, *, with_git: bool = True,
         cpu=cpu_section,
         gpu=gpu.capture_gpu(),
         software=software,
-        env_vars=envvars.capture_env_vars(),
         git=git_section,
         git_diff=diff,
         requirements=requirements,

@@ -126,10 +126,16 @@ def determinism_knobs() -> dict[str, Any]:
         "num_threads": torch.get_num_threads(),
         "num_interop_threads": torch.get_num_interop_threads(),
         "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
-        "cuda_used": bool(torch.cuda.is_initialized()),
+        "cuda_used": cuda_started(),
     }
     knobs["fully_deterministic"] = is_fully_deterministic(knobs)
     return knobs
+
+
+def cuda_started() -> bool:
+    """Whether CUDA has been initialised in this process (read without starting it)."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
 
 
 def is_fully_deterministic(knobs: dict[str, Any]) -> bool:
