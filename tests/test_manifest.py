@@ -150,7 +150,7 @@ class TestFromJson:
         assert (caught.value.item, caught.value.run_id) == ("manifest", "r1")
 
     @pytest.mark.parametrize(("edit", "field", "words"), [
-        (lambda d: d.update(schema_version=3), "schema_version", "schema_version 3 is newer"),
+        (lambda d: d.update(schema_version=4), "schema_version", "schema_version 4 is newer"),
         (lambda d: d.update(schema_version=0), "schema_version", "schema_version 0"),
         (lambda d: d.update(schema_version="1"), "schema_version", "schema_version"),
         (lambda d: d.pop("gpu"), "(top level)", "'gpu' is a required property"),
@@ -254,4 +254,4 @@ class TestSchema:
 
     def test_real_manifest_is_valid(self, data: dict[str, Any]) -> None:
         manifest_module.validate(data)  # raises on any violation
-        assert data["schema_version"] == manifest_module.SCHEMA_VERSION == 2
+        assert data["schema_version"] == manifest_module.SCHEMA_VERSION == 3

@@ -1,4 +1,5 @@
-"""Schema migration: a version-1 manifest (Python RNG state as 625 integers) reads as version 2."""
+"""Schema migration: version-1 (Python RNG state as 625 integers) and version-2 (no code section)
+manifests read as the current version."""
 
 from __future__ import annotations
 
@@ -27,9 +28,18 @@ def _current() -> dict:
     return recording.manifest.to_dict()
 
 
-def _as_v1(v2: dict) -> dict:
+def _as_v2(v3: dict) -> dict:
+    """The same manifest as version 2 wrote it (no code section)."""
+    v2 = copy.deepcopy(v3)
+    del v2["code"]
+    v2["schema_version"] = 2
+    v2["manifest_digest"] = digest_of(v2)
+    return v2
+
+
+def _as_v1(current: dict) -> dict:
     """The same manifest as version 1 wrote it."""
-    v1 = copy.deepcopy(v2)
+    v1 = copy.deepcopy(_as_v2(current))
     state = v1["randomness"]["global"]["python"]["state"]
     words = array.array("I")
     words.frombytes(base64.b64decode(state.pop("key_b64")))
@@ -44,10 +54,10 @@ class TestV1ToV2:
 
     def test_upgrade_gives_the_current_form(self):
         v2 = _current()
-        assert SCHEMA_VERSION == 2
+        assert SCHEMA_VERSION == 3
         read = Manifest.from_json(json.dumps(_as_v1(v2))).to_dict()
         assert read["randomness"]["global"]["python"] == v2["randomness"]["global"]["python"]
-        assert read["schema_version"] == 2
+        assert read["schema_version"] == 3
 
     def test_tampered_v1_is_refused(self):
         v1 = _as_v1(_current())
@@ -66,3 +76,29 @@ class TestV1ToV2:
         expected = [random.random() for _ in range(3)]
         restore_global_rng(read["randomness"]["global"])
         assert [random.random() for _ in range(3)] == expected
+
+
+class TestV2ToV3:
+    """Version-2 manifests gain a code section built from what they already recorded."""
+
+    def test_upgrade_fills_the_code_section_from_git_and_call(self):
+        current = _current()
+        read = Manifest.from_json(json.dumps(_as_v2(current))).to_dict()
+        assert read["schema_version"] == 3
+        assert read["code"] == {"commit": current["git"]["commit"], "diff_sha256": current["git"]["diff_sha256"],
+                                "module_file": current["call"]["source_file"], "module_sha256": None,
+                                "files": []}
+        assert read["code"]["module_file"] == "tests/test_migration.py"
+
+    def test_current_recording_has_the_module_digest(self):
+        import hashlib
+        from pathlib import Path
+
+        code = _current()["code"]
+        assert code["module_sha256"] == hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+    def test_tampered_v2_is_refused(self):
+        v2 = _as_v2(_current())
+        v2["git"]["commit"] = "0" * 40
+        with pytest.raises(IntegrityError):
+            Manifest.from_json(json.dumps(v2))

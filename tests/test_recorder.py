@@ -29,7 +29,7 @@ from safetensors.numpy import load_file
 
 import repro_track
 from conftest import free_port, run_cli, run_script, write_project
-from repro_track import outputs, store, tags, testing
+from repro_track import outputs, runs, store, tags, testing
 from repro_track.capture import gpu as gpu_capture
 from repro_track.capture import torch_state
 from repro_track.card import record_card
@@ -38,7 +38,7 @@ from repro_track.recorder import RecordingWarning, recorder_of
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "schemas" / "manifest.schema.json").read_text("utf-8"))
 SECTIONS = {"schema_version", "repro_track_version", "kind", "replay_of", "manifest_digest", "call",
-            "arguments", "randomness", "determinism", "cpu", "gpu", "software", "env_vars", "git", "outputs"}
+            "arguments", "randomness", "determinism", "cpu", "gpu", "software", "env_vars", "git", "outputs", "code"}
 SEED = 1234
 
 
@@ -147,7 +147,7 @@ class TestDdimGeneration:
     def test_every_section(self, run: dict[str, Any]) -> None:
         m = run["manifest"]
         assert set(m) == SECTIONS
-        assert (m["schema_version"], m["kind"], m["replay_of"]) == (2, "record", None)
+        assert (m["schema_version"], m["kind"], m["replay_of"]) == (3, "record", None)
         assert m["manifest_digest"] == reference_digest(m) == run["run"].data.tags[tags.MANIFEST_DIGEST]
         call_keys = ("module", "qualname", "source_file", "replayable", "status", "error", "return_type")
         assert {k: m["call"][k] for k in call_keys} == {
@@ -214,7 +214,7 @@ class TestDdimGeneration:
         assert {k: found.get(k) for k in (tags.KIND, tags.SEED, tags.GENERATOR_DEVICE, tags.STATUS, tags.GPU,
                                           tags.TORCH, tags.SCHEMA_VERSION, tags.ENTRY_POINT)} == {
             tags.KIND: "record", tags.SEED: str(SEED), tags.GENERATOR_DEVICE: "cpu", tags.STATUS: "FINISHED",
-            tags.GPU: "none", tags.TORCH: torch.__version__, tags.SCHEMA_VERSION: "2",
+            tags.GPU: "none", tags.TORCH: torch.__version__, tags.SCHEMA_VERSION: "3",
             tags.ENTRY_POINT: "test_recorder:generate"}
 
     def test_params(self, run: dict[str, Any]) -> None:
@@ -517,7 +517,7 @@ class TestOutputTypes:
             assert list(stored.shape) == record["shape"]
             assert hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest() == record["sha256"]
             assert np.array_equal(stored, np.asarray(item.value))
-        assert store.load_run(client, run_id, Path("dl")).run_id == run_id
+        assert runs.load_run(client, run_id, Path("dl")).run_id == run_id
 
     def test_pipeline_output_of_pil_images(self, migrated_store: str, client: Any, ddim: Any) -> None:
         @repro_track.record
@@ -725,7 +725,7 @@ class TestExamples:
         assert done.returncode == 0, done.stderr
         run_id = (tmp_path / "run_id").read_text().strip()
         assert done.stdout.strip() == run_id
-        loaded = store.load_run(client, run_id, tmp_path / "dl")  # validates and checks digests
+        loaded = runs.load_run(client, run_id, tmp_path / "dl")  # validates and checks digests
         m = loaded.manifest.to_dict()
         validate_published(m)
         assert (m["call"]["source_file"], m["call"]["replayable"]) == (f"examples/{script}", True)

@@ -60,10 +60,10 @@ def _runs(tracking_uri: str, experiment: str = "team") -> list:
 def _manifest(tracking_uri: str, run_id: str) -> dict:
     import tempfile
 
-    from repro_track import store
+    from repro_track import runs, store
 
     with tempfile.TemporaryDirectory() as tmp:
-        return store.load_run(store.client_for(tracking_uri), run_id, Path(tmp)).manifest.to_dict()
+        return runs.load_run(store.client_for(tracking_uri), run_id, Path(tmp)).manifest.to_dict()
 
 
 class TestConcurrentProcesses:
@@ -137,7 +137,7 @@ class TestLargeOutput:
 import resource, sys
 import numpy as np
 import torch, mlflow, repro_track  # a generation has torch loaded; import it all before the baseline
-from repro_track import capture, outputs, spool, store  # noqa: F401
+from repro_track import capture, outputs, runs, spool, store  # noqa: F401
 big = np.random.default_rng(0).random(1 << 28, dtype=np.float32)  # 1 GiB
 
 @repro_track.record(tracking_uri=f"sqlite:///{sys.argv[1]}/m.db", experiment="big")

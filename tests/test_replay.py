@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import REPO, clone_run, recording_env, run_script, write_project
 
-from repro_track import store, tags
+from repro_track import runs, store, tags
 from repro_track.capture import cpu
 from repro_track.manifest import Manifest
 from repro_track.replay import ReplayReport, replay
@@ -28,7 +28,7 @@ from repro_track.rules import Here
 
 def load(uri: str, run_id: str, dest: Path) -> dict[str, Any]:
     """A run's manifest as a dict, read back through the store's checks."""
-    return store.load_run(store.client_for(uri), run_id, dest).manifest.to_dict()
+    return runs.load_run(store.client_for(uri), run_id, dest).manifest.to_dict()
 
 
 def dig(data: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -251,7 +251,7 @@ class TestChildEnvironment:
     @pytest.fixture(scope="class")
     def recorded(self, recorded_project, tmp_path_factory) -> Manifest:
         client = store.client_for(recorded_project.tracking_uri)
-        return store.load_run(client, recorded_project.runs["cpu_generator"],
+        return runs.load_run(client, recorded_project.runs["cpu_generator"],
                               tmp_path_factory.mktemp("manifest")).manifest
 
     @pytest.mark.parametrize("capability, recorded_env, flags, pinned", [

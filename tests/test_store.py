@@ -13,7 +13,7 @@ import torch
 
 import repro_track
 from conftest import free_port
-from repro_track import outputs, spool, store, tags
+from repro_track import outputs, runs, spool, store, tags
 from repro_track.errors import IntegrityError, RunNotFoundError
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -54,13 +54,13 @@ class TestParseRunRef:
         f"http://host:5000/#/experiments/3/runs/{RUN_ID}/artifacts",
     ], ids=["id", "whitespace", "runs-uri", "runs-uri-with-path", "ui-url", "ui-url-artifacts-tab"])
     def test_accepted(self, ref: str) -> None:
-        assert store.parse_run_ref(ref) == RUN_ID
+        assert runs.parse_run_ref(ref) == RUN_ID
 
     @pytest.mark.parametrize("ref", ["", "not a run", "runs:/", "http://host:5000/#/experiments/3", "../etc"],
                              ids=["empty", "spaces", "runs-uri-without-id", "experiment-url", "path"])
     def test_refused(self, ref: str) -> None:
         with pytest.raises(RunNotFoundError) as caught:
-            store.parse_run_ref(ref)
+            runs.parse_run_ref(ref)
         assert caught.value.run_ref == ref
 
 
@@ -68,7 +68,7 @@ class TestLoadRun:
     """Loading a run fetches its manifest and arrays and refuses anything unknown or altered."""
 
     def test_recorded_run(self, recorded: str, client: Any, tmp_path: Path) -> None:
-        loaded = store.load_run(client, f"runs:/{recorded}", tmp_path / "dl")
+        loaded = runs.load_run(client, f"runs:/{recorded}", tmp_path / "dl")
         assert loaded.run_id == recorded
         assert loaded.manifest.digest == loaded.run_tags[tags.MANIFEST_DIGEST]
         assert loaded.outputs_path is not None
@@ -76,13 +76,13 @@ class TestLoadRun:
 
     def test_unknown_run(self, migrated_store: str, client: Any, tmp_path: Path) -> None:
         with pytest.raises(RunNotFoundError) as caught:
-            store.load_run(client, RUN_ID, tmp_path / "dl")
+            runs.load_run(client, RUN_ID, tmp_path / "dl")
         assert RUN_ID in str(caught.value)
 
     def test_run_without_manifest(self, migrated_store: str, client: Any, tmp_path: Path) -> None:
         run = client.create_run(client.create_experiment("plain"))
         with pytest.raises(RunNotFoundError, match="was not recorded by repro-track"):
-            store.load_run(client, run.info.run_id, tmp_path / "dl")
+            runs.load_run(client, run.info.run_id, tmp_path / "dl")
 
     @pytest.mark.parametrize(("path", "spoil", "item"), [
         (tags.MANIFEST_PATH, lambda raw: raw.replace(b'"record"', b'"replay"', 1), "manifest"),
@@ -94,13 +94,13 @@ class TestLoadRun:
         target = artifact_dir(client, recorded) / path
         target.write_bytes(spoil(target.read_bytes()))
         with pytest.raises(IntegrityError) as caught:
-            store.load_run(client, recorded, tmp_path / "dl")
+            runs.load_run(client, recorded, tmp_path / "dl")
         assert (caught.value.run_id, caught.value.item) == (recorded, item)
 
     def test_missing_outputs(self, recorded: str, client: Any, tmp_path: Path) -> None:
         (artifact_dir(client, recorded) / tags.OUTPUTS_PATH).unlink()
         with pytest.raises(IntegrityError, match="is missing"):
-            store.load_run(client, recorded, tmp_path / "dl")
+            runs.load_run(client, recorded, tmp_path / "dl")
 
 
 class TestVerifyArrays:
@@ -117,7 +117,7 @@ class TestVerifyArrays:
 
     def test_intact(self, saved: tuple[Path, list[dict[str, Any]]]) -> None:
         path, records = saved
-        arrays = store.verify_arrays(path, records, "r1", "output")
+        arrays = runs.verify_arrays(path, records, "r1", "output")
         assert sorted(arrays) == ["images", "latents"]
 
     @pytest.mark.parametrize(("spoil", "words"), [
@@ -131,7 +131,7 @@ class TestVerifyArrays:
         path, records = saved
         path.write_bytes(spoil(path.read_bytes()))
         with pytest.raises(IntegrityError, match=words):
-            store.verify_arrays(path, records, "r1", "output")
+            runs.verify_arrays(path, records, "r1", "output")
 
     @pytest.mark.parametrize(("edit", "words"), [
         (lambda r: r.update(name="other"), "'other' is missing"),
@@ -143,7 +143,7 @@ class TestVerifyArrays:
         path, records = saved
         edit(records[0])
         with pytest.raises(IntegrityError, match=words):
-            store.verify_arrays(path, records, "r1", "output")
+            runs.verify_arrays(path, records, "r1", "output")
 
 
 class TestUpload:

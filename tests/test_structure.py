@@ -5,11 +5,13 @@ These check the shape that keeps repro-track cheap, never a duration (timings li
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,3 +155,78 @@ class TestNvmlIdentityCached:
         sections = [capture.environment(None, with_git=False).gpu for _ in range(3)]
         assert (nvml.inits, nvml.shutdowns) == (1, 1)
         assert all(s["available"] and s["devices"][0]["name"] == "NVIDIA H200" for s in sections)
+
+
+def _package_imports(root: Path, package: str) -> dict[str, set[str]]:
+    """For each module of the package: the package modules it imports, at any depth (functions too)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts = parts[:-1]
+        name = ".".join(parts)
+        base = parts if is_package else parts[:-1]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    stem = base[:len(base) - node.level + 1]
+                    module = ".".join(stem + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                targets.add(module)
+                targets.update(f"{module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        graph[name] = targets
+    return {name: {t for t in targets if t in graph and t != name} for name, targets in graph.items()}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+class TestNoImportCircle:
+    """No module of repro_track imports, even inside a function, a module that imports it back."""
+
+    def test_package_has_no_import_circle(self) -> None:
+        import repro_track
+
+        graph = _package_imports(Path(repro_track.__file__).parent, "repro_track")
+        assert len(graph) > 20
+        # A package's __init__ re-exports its submodules: the edge from a submodule up to its own
+        # package is how Python loads it, not a dependency, so only edges between siblings count.
+        lowered = {name: {t for t in targets if not name.startswith(t + ".")} for name, targets in graph.items()}
+        assert _circles(lowered) == []
+
+    def test_the_checker_finds_a_planted_circle(self) -> None:
+        assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -79,11 +79,11 @@ def _loaded_runs(tracking_uri: str | None, *refs: str) -> Iterator[list[Any]]:
     import tempfile
     from pathlib import Path
 
-    from . import store
+    from . import runs, store
 
     client = store.client_for(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        yield [store.load_run(client, ref, Path(tmp) / str(i)) for i, ref in enumerate(refs)]
+        yield [runs.load_run(client, ref, Path(tmp) / str(i)) for i, ref in enumerate(refs)]
 
 
 # ---------------------------------------------------------------- show

@@ -1,34 +1,16 @@
 """``parent_run``: record a loop of calls (a seed sweep, a batch of prompts) as children of one run.
 
-MLflow's fluent API would make the parent the caller's active run; repro-track never touches that
-state, so the parent lives in a context variable that only recordings read.
+The parent is held in ``context`` (a context variable that only recordings read), never in MLflow's
+active-run state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
-
-@dataclass(frozen=True)
-class ParentRun:
-    """The run that recordings made inside ``parent_run`` attach to."""
-
-    run_id: str
-    experiment_id: str
-    tracking_uri: str
-
-
-_current: contextvars.ContextVar[ParentRun | None] = contextvars.ContextVar(
-    "repro_track_parent_run", default=None)
-
-
-def current_parent() -> ParentRun | None:
-    """The innermost active ``parent_run`` in this context, if any."""
-    return _current.get()
+from .context import ParentRun, attached
 
 
 @contextlib.contextmanager
@@ -51,11 +33,10 @@ def parent_run(name: str | None = None, *, experiment: str | None = None,
     run = client.create_run(experiment_id, run_name=name,
                             tags={tag_keys.KIND: "group", **(tags or {})})
     parent = ParentRun(run.info.run_id, experiment_id, uri)
-    token = _current.set(parent)
     status = "FAILED"
     try:
-        yield parent
+        with attached(parent):
+            yield parent
         status = "FINISHED"
     finally:
-        _current.reset(token)
         store.set_terminated(client, parent.run_id, status, int(time.time() * 1000))

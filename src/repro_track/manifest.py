@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .errors import IntegrityError, ManifestError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _MAX_DEPTH = 64
 
@@ -41,9 +41,20 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 adds the ``code`` section; a version-2 manifest knows its commit, diff digest and
+    the decorated function's file, but not that file's digest or the other files the call imported."""
+    git = data.get("git") or {}
+    data["code"] = {"commit": git.get("commit"), "diff_sha256": git.get("diff_sha256"),
+                    "module_file": (data.get("call") or {}).get("source_file"), "module_sha256": None,
+                    "files": []}
+    data["schema_version"] = 3
+    return data
+
+
 # Older schema versions are read by upgrading them one step at a time: MIGRATIONS[n] turns a
 # version-n manifest into version n+1 (the digest is checked on the bytes as stored, before).
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -107,6 +118,7 @@ class Manifest:
     env_vars: dict[str, Any]
     git: dict[str, Any]
     outputs: list[dict[str, Any]]
+    code: dict[str, Any] = dataclasses.field(default_factory=dict)
     replay_of: str | None = None
     repro_track_version: str = ""
     schema_version: int = SCHEMA_VERSION

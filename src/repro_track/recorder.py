@@ -11,59 +11,20 @@ import datetime as _dt
 import functools
 import inspect
 import logging
-import sys
 import threading
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from . import outputs, settings
 from .manifest import Manifest
+from .records import Recording, RecordingWarning, RecordOptions, RecordOutcome
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 MARKER = "__repro_track__"
-
-
-class RecordingWarning(UserWarning):
-    """Recording or logging failed; the generation itself was not affected."""
-
-
-@dataclass(frozen=True)
-class RecordOptions:
-    """How and where a decorated function's calls are recorded."""
-
-    experiment: str | None = None
-    run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    tracking_uri: str | None = None
-    log_outputs: bool = True
-    deterministic: bool = False
-
-
-@dataclass(frozen=True)
-class Recording:
-    """One captured call: its manifest and the arrays and texts that go beside it."""
-
-    manifest: Manifest
-    outputs: list[outputs.NamedArray]
-    inputs: list[outputs.NamedArray]
-    requirements: str
-    git_diff: str | None
-
-
-@dataclass(frozen=True)
-class RecordOutcome:
-    """Where one recording went: an MLflow run, or the spool folder when MLflow was unreachable."""
-
-    run_id: str | None
-    tracking_uri: str
-    spool_path: Path | None
-    manifest_digest: str | None
-    error: str | None = None
 
 
 def _now() -> str:
@@ -242,6 +203,7 @@ class Recorder:
             env_vars=entry["env"], git=env.git,
             outputs=[outputs.describe(item, saved=self.options.log_outputs and outputs.savable(item.value))
                      for item in items],
+            code=_code_identity(self.fn, site, env.git),
         )
         return Recording(manifest, items if self.options.log_outputs else [], captured.inputs,
                          env.requirements, env.git_diff)
@@ -249,14 +211,37 @@ class Recorder:
     # ------------------------------------------------------------ logging
 
     def _log(self, recording: Recording) -> RecordOutcome:
-        from .store import deliver
+        from .context import current_parent
+        from .delivery import deliver
 
         try:
-            return deliver(recording, self.options)
+            return deliver(recording, self.options, parent=current_parent())
         except Exception as exc:  # deliver spools on its own; this is the last line of defence
             _warn(f"repro-track could not log or spool the recording of {self.fn.__qualname__}: {exc!r}")
             return RecordOutcome(None, self.options.tracking_uri or "", None,
                                  recording.manifest.digest, repr(exc))
+
+
+def _code_identity(fn: Callable[..., Any], site: dict[str, Any], git: dict[str, Any]) -> dict[str, Any]:
+    """The project's code as recorded: commit, uncommitted-diff digest, and the module file's digest."""
+    module_sha = None
+    try:
+        path = Path(inspect.getsourcefile(fn) or "")
+        if site["source_file"] and path.is_file():
+            stat = path.stat()
+            module_sha = _file_sha256(str(path), stat.st_mtime_ns, stat.st_size)
+    except (TypeError, OSError):
+        module_sha = None
+    return {"commit": git.get("commit"), "diff_sha256": git.get("diff_sha256"),
+            "module_file": site["source_file"], "module_sha256": module_sha, "files": []}
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    # Keyed on mtime and size like _function_source: a module is hashed again only when it changes.
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _disabled() -> bool:

@@ -1,8 +1,7 @@
-"""The store: the only code that talks to MLflow.
+"""The store: MLflow writes (runs, params, tags, artifacts) through an explicit ``MlflowClient``.
 
-Writes go through an explicit ``MlflowClient`` (never MLflow's active-run state); the caller's active
-run is only read, to nest a recording under it. A recording is staged in the spool first and uploaded
-under a deadline; if the server is down, slow or fails midway, it stays spooled and the call returns.
+Never MLflow's active-run state. Staging and deadlines live in ``delivery``; reading runs back and
+verifying them in ``runs``.
 """
 
 from __future__ import annotations
@@ -13,15 +12,11 @@ import logging
 import re
 import threading
 import time
-import uuid
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from . import settings, spool, tags
-from .errors import IntegrityError, ManifestError, RunNotFoundError, StoreError
-from .manifest import Manifest
+from .errors import StoreError
+from .runs import LoadedRun, get_run
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -298,212 +293,6 @@ def find_recording(client: Any, experiment_id: str, recording_id: str) -> str | 
             return run.info.run_id
         client.delete_run(run.info.run_id)  # a partial upload: start over
     return None
-
-
-def _upload_owned(client_factory: Callable[[], Any], entry: spool.SpoolEntry) -> dict[str, Any]:
-    """Upload in a worker thread that also settles the spool entry, however late it finishes.
-
-    While the worker runs, the entry stays owned by this (live) process, so ``repro-track sync``
-    leaves it alone: a slow upload and a sync can never both create the run.
-    """
-    box: dict[str, Any] = {"done": threading.Event()}
-
-    def target() -> None:
-        try:
-            box["run_id"] = upload(client_factory(), entry)
-            spool.delivered(entry)
-        except BaseException as exc:  # reported to the caller's thread if it still waits
-            box["error"] = exc
-            spool.release(entry, repr(exc))
-        finally:
-            box["done"].set()
-
-    threading.Thread(target=target, name="repro-track-upload", daemon=True).start()
-    return box
-
-
-def _parent_run(uri: str) -> tuple[str | None, str | None]:
-    """The enclosing repro_track.parent_run, else the caller's active MLflow run (read only),
-    as (run id, experiment id) when it lives in the same store."""
-    import mlflow
-
-    from .group import current_parent
-
-    group = current_parent()
-    if group is not None and group.tracking_uri == uri:
-        return group.run_id, group.experiment_id
-    active = mlflow.active_run()
-    if active is None or mlflow.get_tracking_uri() != uri:
-        return None, None
-    return active.info.run_id, active.info.experiment_id
-
-
-def deliver(recording: Any, options: Any, *, extra_tags: dict[str, str] | None = None) -> Any:
-    """Stage in the spool, upload under a deadline, and report where the recording went."""
-    import os
-
-    uri = resolve_tracking_uri(options.tracking_uri)
-    parent_id, parent_experiment = _parent_run(uri)
-    experiment = options.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
-    meta = {
-        "recording_id": uuid.uuid4().hex,
-        "tracking_uri": uri,
-        "experiment": experiment or "repro-track",
-        "parent_experiment_id": parent_experiment if experiment is None else None,
-        "run_name": options.run_name or _default_run_name(recording.manifest),
-        "tags": {**options.tags, **(extra_tags or {})},
-        "parent_run_id": parent_id,
-    }
-    if meta["parent_experiment_id"]:
-        meta["experiment"] = _experiment_name(uri, parent_experiment) or meta["experiment"]
-    entry = spool.create(recording, meta)
-    digest = recording.manifest.digest
-    try:
-        probe(uri)
-    except StoreError as exc:
-        spool.release(entry, repr(exc))
-        return _spooled(uri, entry, digest, str(exc))
-    box = _upload_owned(lambda: client_for(uri), entry)
-    seconds = settings.LOG_TIMEOUT.get()
-    if not box["done"].wait(seconds):
-        return _spooled(uri, entry, digest,
-                        f"logging took longer than {seconds:.0f} s (set {settings.LOG_TIMEOUT.name} to "
-                        "wait longer); it goes on in the background", background=True)
-    if "error" in box:
-        return _spooled(uri, entry, digest, str(box["error"]))
-    return _outcome()(box["run_id"], uri, None, digest)
-
-
-def _outcome() -> Any:
-    from .recorder import RecordOutcome
-
-    return RecordOutcome
-
-
-def _spooled(uri: str, entry: spool.SpoolEntry, digest: str, problem: str, background: bool = False) -> Any:
-    from .recorder import RecordingWarning
-
-    where = ("stays in " if background else "is kept in ") + str(entry.path)
-    warnings.warn(f"repro-track could not log to MLflow at {uri}: {problem}. The recording {where}; "
-                  "upload it later with `repro-track sync`.", RecordingWarning, stacklevel=6)
-    return _outcome()(None, uri, entry.path, digest, problem)
-
-
-def _experiment_name(uri: str, experiment_id: str) -> str | None:
-    try:
-        return client_for(uri).get_experiment(experiment_id).name
-    except Exception:
-        return None
-
-
-def _default_run_name(manifest: Manifest) -> str:
-    seed = manifest.randomness["primary"]["seed"]
-    name = manifest.call["qualname"].split(".")[-1]
-    prefix = "replay-" if manifest.kind == "replay" else ""
-    return f"{prefix}{name}-seed{seed}" if seed is not None else f"{prefix}{name}"
-
-
-# ---------------------------------------------------------------- reading runs
-
-_RUN_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
-
-
-def parse_run_ref(ref: str) -> str:
-    """A run id from an id, a ``runs:/<id>[/path]`` URI, or a run URL copied from the MLflow UI."""
-    text = ref.strip()
-    match = re.match(r"^runs:/([^/]+)", text) or re.search(r"/runs/([0-9A-Za-z_-]+)", text)
-    run_id = match.group(1) if match else text
-    if not _RUN_ID.match(run_id):
-        raise RunNotFoundError(f"{ref!r} is not a run id, a runs:/ URI or an MLflow run URL", run_ref=ref)
-    return run_id
-
-
-@dataclass(frozen=True)
-class LoadedRun:
-    """A recorded run fetched and checked: its manifest and where its files were downloaded."""
-
-    run_id: str
-    experiment_id: str
-    manifest: Manifest
-    outputs_path: Path | None
-    inputs_path: Path | None
-    run_tags: dict[str, str]
-
-
-def _download(client: Any, run_id: str, path: str, dest: Path) -> Path | None:
-    folder, _, name = path.rpartition("/")
-    try:
-        listed = {Path(f.path).name for f in client.list_artifacts(run_id, folder)}
-    except Exception as exc:
-        raise StoreError(f"run {run_id}: cannot list artifacts under {folder}/ ({exc})") from None
-    if name not in listed:
-        return None
-    return Path(client.download_artifacts(run_id, path, str(dest)))
-
-
-def get_run(client: Any, run_id: str) -> Any:
-    """The MLflow run, or RunNotFoundError with a one-line message."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
-            raise RunNotFoundError(f"no run {run_id} in the tracking store {client.tracking_uri}",
-                                   run_ref=run_id) from None
-        raise StoreError(f"could not read run {run_id}: {exc.message}") from None
-
-
-def load_run(client: Any, ref: str, dest: Path) -> LoadedRun:
-    """Fetch a run's manifest and arrays, validate the manifest, check every digest."""
-    run_id = parse_run_ref(ref)
-    run = get_run(client, run_id)
-    manifest_file = _download(client, run_id, tags.MANIFEST_PATH, dest)
-    if manifest_file is None:
-        raise RunNotFoundError(f"run {run_id} has no {tags.MANIFEST_PATH}: it was not recorded by "
-                               "repro-track", run_ref=ref)
-    manifest = Manifest.from_json(manifest_file.read_bytes(), run_id)
-    outputs_path = _download(client, run_id, tags.OUTPUTS_PATH, dest)
-    inputs_path = _download(client, run_id, tags.INPUTS_PATH, dest)
-    saved = [o for o in manifest.outputs if o["saved"]]
-    if saved and outputs_path is None:
-        raise IntegrityError(f"run {run_id}: {tags.OUTPUTS_PATH} is missing", run_id=run_id, item="outputs")
-    if outputs_path is not None:
-        verify_arrays(outputs_path, saved, run_id, "output")
-    saved_inputs = [{"name": n, **a} for n, a in manifest.arguments.items() if a.get("saved")]
-    if saved_inputs:
-        if inputs_path is None:
-            raise IntegrityError(f"run {run_id}: {tags.INPUTS_PATH} is missing", run_id=run_id,
-                                 item="inputs")
-        verify_arrays(inputs_path, saved_inputs, run_id, "input")
-    return LoadedRun(run_id, run.info.experiment_id, manifest, outputs_path, inputs_path,
-                     dict(run.data.tags))
-
-
-def verify_arrays(path: Path, records: list[dict[str, Any]], run_id: str, what: str) -> dict[str, Any]:
-    """Load a safetensors file and check each recorded array's dtype, shape and sha256."""
-    from . import outputs
-
-    try:
-        arrays = outputs.load_arrays(path)
-    except Exception as exc:
-        raise IntegrityError(f"run {run_id}: {path.name} is unreadable or truncated ({exc})",
-                             run_id=run_id, item=path.name) from None
-    for rec in records:
-        name = rec["name"]
-        if name not in arrays:
-            raise IntegrityError(f"run {run_id}: {what} {name!r} is missing from {path.name}",
-                                 run_id=run_id, item=name)
-        arr = arrays[name]
-        if outputs.dtype_name(arr) != rec["dtype"] or list(arr.shape) != rec["shape"]:
-            raise IntegrityError(
-                f"run {run_id}: {what} {name!r} is {outputs.dtype_name(arr)} {list(arr.shape)} in "
-                f"{path.name} but the manifest says {rec['dtype']} {rec['shape']}", run_id=run_id, item=name)
-        if outputs.sha256_of(arr) != rec["sha256"]:
-            raise IntegrityError(
-                f"run {run_id}: {what} {name!r} does not match its recorded sha256 "
-                f"({rec['sha256'][:12]}...): the file was modified or corrupted", run_id=run_id, item=name)
-    return arrays
 
 
 def add_replay_link(client: Any, original: LoadedRun, replay_run_id: str, summary: str) -> None:

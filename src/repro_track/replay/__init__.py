@@ -73,7 +73,7 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
     Raises RunNotFoundError, ManifestError, IntegrityError or EntryPointRefused before anything
     runs when the run is missing, corrupt or names a function that is not a recorded one.
     """
-    from .. import store
+    from .. import runs, store
     from ..rules import predict
     from .plan import build_plan, check_entry_point, describe_here
 
@@ -82,7 +82,7 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
     with tempfile.TemporaryDirectory(prefix="repro-track-replay-") as tmp:
         tmpdir = Path(tmp)
         progress(f"loading run {run} from {client.tracking_uri}")
-        loaded = store.load_run(client, run, tmpdir / "original")
+        loaded = runs.load_run(client, run, tmpdir / "original")
         m = loaded.manifest
         source, root, source_sha = check_entry_point(m, project)
         here = describe_here(source_sha)
