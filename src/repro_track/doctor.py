@@ -64,18 +64,39 @@ def checks() -> list[Check]:
         _check("PYTHONHASHSEED", "PYTHONHASHSEED" in env, env.get("PYTHONHASHSEED", "unset"), "0",
                "none (hash randomisation only protects servers)",
                "export PYTHONHASHSEED=0   # set iteration order of str sets becomes stable"),
-        _check("oneDNN ISA cap", "ONEDNN_MAX_CPU_ISA" in env or "DNNL_MAX_CPU_ISA" in env,
-               env.get("ONEDNN_MAX_CPU_ISA", "unset"), "AVX2 (portable across CPU generations)",
-               "CPU convolutions may be slower on CPUs with AVX-512 or AMX",
-               "export ONEDNN_MAX_CPU_ISA=AVX2"),
-        _check("MKL instructions cap", "MKL_ENABLE_INSTRUCTIONS" in env or "MKL_CBWR" in env,
-               env.get("MKL_ENABLE_INSTRUCTIONS", "unset"), "AVX2",
-               "MKL BLAS may be slower on newer CPUs",
-               "export MKL_ENABLE_INSTRUCTIONS=AVX2 MKL_CBWR=AVX2"),
+        *_cpu_portability_checks(env),
         Check("threads", True, f"{k['num_threads']} intra-op, {k['num_interop_threads']} inter-op",
               "recorded", "none: replay restores the recorded counts", ""),
         Check("CPU kernels", True, str(torch_cpu_facts()["torch_capability"]), "recorded",
               "none: replay pins ATEN_CPU_CAPABILITY where the CPU supports it", ""),
+    ]
+
+
+def _cpu_portability_checks(env: Any) -> list[Check]:
+    """oneDNN, oneMKL and ATen each pick kernels by CPU model; these lines fix them for every x86 CPU
+    with AVX2, so a CPU recording replays bit-exactly on another CPU model or vendor."""
+    from .capture import cpu, static_facts
+    from .rules import mkl_branch_fixed
+
+    section = static_facts()[1]
+    libs = cpu.library_isa(section, env)
+    cap = env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA")
+    aten = env.get("ATEN_CPU_CAPABILITY")
+    return [
+        _check("oneDNN ISA cap", bool(cap),
+               f"{libs['onednn_isa'] or 'no oneDNN'} ({'capped' if cap else 'not capped'})",
+               "AVX2 (the same kernels on every x86 CPU with AVX2)",
+               "CPU convolutions and bf16 matmuls may be slower on CPUs with AVX-512 or AMX",
+               "export ONEDNN_MAX_CPU_ISA=AVX2   # before Python starts"),
+        _check("MKL code branch", mkl_branch_fixed(env.get("MKL_CBWR"), section.get("vendor")),
+               env.get("MKL_CBWR", "unset (chosen by CPU model)"), "COMPATIBLE",
+               "MKL BLAS several times slower (SSE2 code)",
+               "export MKL_CBWR=COMPATIBLE   # Intel and AMD alike; MKL_CBWR=AVX2 is faster but Intel-only"),
+        _check("ATen CPU kernels cap",
+               aten is not None or section.get("architecture") not in ("x86_64", "AMD64"),
+               aten or f"{section.get('torch_capability')} (not capped)", "avx2",
+               "vectorised CPU ops may be slower on CPUs with AVX-512",
+               "export ATEN_CPU_CAPABILITY=avx2   # replays on CPUs without AVX-512 stay exact"),
     ]
 
 

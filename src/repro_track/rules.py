@@ -31,6 +31,8 @@ class Here:
     num_threads: int = 0
     source_sha256: Optional[str] = None
     env_vars: dict[str, Any] = field(default_factory=dict)
+    # Non-CPU device types a generator can be rebuilt on here ("cuda", "mps", "xpu").
+    accelerators: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,103 @@ def _gpu0(section: dict) -> Optional[dict]:
     return section["devices"][0] if section.get("available") and section["devices"] else None
 
 
+def _cuda_default_consumed(m: dict) -> list[dict]:
+    """The CUDA default generators the call drew from (generator=None with CUDA on)."""
+    cuda = m["randomness"]["global"]["torch_cuda"]
+    return [d for d in cuda["devices"] if d["consumed"]] if cuda["available"] else []
+
+
+def uses_cuda_noise(m: dict) -> bool:
+    """Whether the call drew random numbers on a CUDA device (its own generator or the default one)."""
+    return bool(_cuda_generators(m) or _cuda_default_consumed(m))
+
+
+def _cuda_index(m: dict) -> int:
+    """The CUDA device index the call drew its noise on (cuda:k), 0 when it does not say."""
+    for gen in _cuda_generators(m):
+        _, _, index = gen["device"].partition(":")
+        return int(index) if index.isdigit() else 0
+    consumed = _cuda_default_consumed(m)
+    return int(consumed[0].get("index", 0)) if consumed else 0
+
+
+def _used_gpu(section: dict, cuda_index: int) -> Optional[dict]:
+    """The device behind ``cuda:cuda_index`` in a GPU section, through its CUDA order (which honours
+    CUDA_VISIBLE_DEVICES); sections without one (older recordings) fall back to device 0."""
+    if not section.get("available") or not section["devices"]:
+        return None
+    order = section.get("cuda_order")
+    if order is None:
+        return _gpu0(section)
+    nvml = order[cuda_index] if cuda_index < len(order) else None
+    return next((d for d in section["devices"] if d["index"] == nvml), None)
+
+
+def _rec_gpu(m: dict) -> Optional[dict]:
+    return _used_gpu(m["gpu"], _cuda_index(m))
+
+
+def _here_gpu(m: dict, here: Here) -> Optional[dict]:
+    return _used_gpu(here.gpu, _cuda_index(m))
+
+
+# torch's CUDA sampling kernels (aten/src/ATen/native/cuda/DistributionTemplates.h,
+# calc_execution_policy) launch min(ceil(n / 256), SMs * (threads per SM / 256)) blocks of 256
+# threads, and element i's Philox counter depends on the grid: two GPUs give the same noise for a
+# draw of n elements when the grid is the same on both (PyTorch issue 196613). Every CUDA GPU has
+# at least 1024 threads per SM, so an unknown count is taken as 1024 (the smallest grid cap).
+_BLOCK = 256
+_MIN_THREADS_PER_SM = 1024
+
+
+def _grid_cap(dev: dict) -> int:
+    threads = dev.get("max_threads_per_sm") or _MIN_THREADS_PER_SM
+    return dev["sm_count"] * (threads // _BLOCK)
+
+
+def same_cuda_noise(numel: int, rec: dict, now: dict) -> bool:
+    """Whether a CUDA draw of ``numel`` elements gives the same values on both devices."""
+    blocks = -(-numel // _BLOCK)
+    return min(blocks, _grid_cap(rec)) == min(blocks, _grid_cap(now))
+
+
+def _json_arg(args: dict, name: str, default: Any) -> Any:
+    arg = args.get(name)
+    return arg["value"] if arg and arg["kind"] == "json" and arg["value"] is not None else default
+
+
+def largest_cuda_draw(m: dict) -> Optional[tuple[int, str]]:
+    """(elements, how it is known) of the call's largest CUDA draw: the latents. None when unknown.
+
+    Known from a ``latents`` tensor argument's shape (the scheduler's noise has that shape), or
+    estimated for a diffusers pipeline argument from its UNet and VAE configs and the call's
+    ``height``, ``width``, ``batch_size``, ``num_images_per_prompt`` and ``prompt`` arguments.
+    """
+    args = m["arguments"]
+    latents = args.get("latents")
+    if latents and latents["kind"] == "tensor" and latents.get("shape"):
+        numel = 1
+        for size in latents["shape"]:
+            numel *= int(size)
+        return numel, f"the latents argument's shape {tuple(latents['shape'])}"
+    pipe = next((a["pipeline"] for a in args.values() if a["kind"] == "pipeline"), None)
+    unet = ((pipe or {}).get("components", {}).get("unet") or {}).get("config") or {}
+    channels, sample = unet.get("in_channels"), unet.get("sample_size")
+    if not isinstance(channels, int) or not isinstance(sample, int):
+        return None
+    vae = (pipe["components"].get("vae") or {}).get("config") or {}
+    scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 1
+    height, width = _json_arg(args, "height", sample * scale), _json_arg(args, "width", sample * scale)
+    prompt = _json_arg(args, "prompt", None)
+    batch = (_json_arg(args, "batch_size", 1) * _json_arg(args, "num_images_per_prompt", 1)
+             * (len(prompt) if isinstance(prompt, list) else 1))
+    if not all(isinstance(v, int) and v > 0 for v in (height, width, batch)):
+        return None
+    shape = (batch, channels, height // scale, width // scale)
+    return batch * channels * (height // scale) * (width // scale), \
+        f"latents {shape} estimated from the pipeline's config and the call's arguments"
+
+
 def _gpu_words(dev: Optional[dict]) -> str:
     if dev is None:
         return "none"
@@ -78,26 +177,52 @@ def _version(section: dict, name: str) -> Optional[str]:
 
 def cuda_generator_without_gpu(m: dict, here: Here) -> Optional[str]:
     gens = _cuda_generators(m)
-    if gens and not here.cuda_usable:
+    if here.cuda_usable:
+        return None
+    if gens:
         return (f"generator {gens[0]['argument']!r} is a CUDA generator (seed {gens[0]['initial_seed']}) "
-                f"and this machine has no usable CUDA GPU; GPU: {_gpu_words(_gpu0(m['gpu']))} recorded, "
+                f"and this machine has no usable CUDA GPU; GPU: {_gpu_words(_rec_gpu(m))} recorded, "
                 "none here")
+    if _cuda_default_consumed(m):
+        return (f"the call drew noise from the CUDA default generator (no generator argument; GPU "
+                f"{_gpu_words(_rec_gpu(m))}) and this machine has no usable CUDA GPU")
+    return None
+
+
+def device_generator_elsewhere(m: dict, here: Here) -> Optional[str]:
+    for gen in m["randomness"]["generators"]:
+        kind = gen["device"].partition(":")[0]
+        if kind in ("mps", "xpu") and kind not in here.accelerators:
+            return (f"generator {gen['argument']!r} is an {kind} generator (seed {gen['initial_seed']}); "
+                    f"its noise can only be regenerated on an {kind} device, and this machine has none")
     return None
 
 
 def cuda_generator_sm_count(m: dict, here: Here) -> Optional[str]:
-    rec, now = _gpu0(m["gpu"]), _gpu0(here.gpu)
-    if not _cuda_generators(m) or not here.cuda_usable or rec is None or now is None:
+    rec, now = _rec_gpu(m), _here_gpu(m, here)
+    if not uses_cuda_noise(m) or not here.cuda_usable or rec is None or now is None:
         return None
-    if rec.get("sm_count") and now.get("sm_count") and rec["sm_count"] != now["sm_count"]:
-        return (f"CUDA generator: GPU {_gpu_words(rec)} recorded, {_gpu_words(now)} here; torch draws "
-                "large random tensors with a launch grid sized by the SM count, so the noise differs")
-    return None
+    words = f"CUDA generator: GPU {_gpu_words(rec)} recorded, {_gpu_words(now)} here"
+    if not rec.get("sm_count") or not now.get("sm_count"):
+        if rec["name"] == now["name"]:
+            return None  # the same model has the same SM count
+        return (f"{words}; without both SM counts the launch grid of torch's CUDA sampling cannot be "
+                "compared, so the noise may differ")
+    if _grid_cap(rec) == _grid_cap(now):
+        return None
+    draw = largest_cuda_draw(m)
+    if draw is not None and same_cuda_noise(draw[0], rec, now):
+        return None
+    size = (f"the largest draw ({draw[0]} elements, {draw[1]}) is above" if draw else
+            "the size of the call's draws is not known, so it may be above")
+    limit = min(_grid_cap(rec), _grid_cap(now)) * _BLOCK
+    return (f"{words}; torch draws CUDA random tensors with a launch grid capped by the SM count, and "
+            f"{size} the {limit} elements below which both GPUs give the same noise")
 
 
 def gpu_run_without_gpu(m: dict, here: Here) -> Optional[str]:
     if m["determinism"]["cuda_used"] and not here.cuda_usable and not _cuda_generators(m):
-        return f"the call ran on a GPU ({_gpu_words(_gpu0(m['gpu']))}); this machine has none usable"
+        return f"the call ran on a GPU ({_gpu_words(_rec_gpu(m))}); this machine has none usable"
     return None
 
 
@@ -118,7 +243,7 @@ def entry_point_not_replayable(m: dict, here: Here) -> Optional[str]:
 # ---------------------------------------------------------------- "close": the arithmetic may differ
 
 def gpu_model_differs(m: dict, here: Here) -> Optional[str]:
-    rec, now = _gpu0(m["gpu"]), _gpu0(here.gpu)
+    rec, now = _rec_gpu(m), _here_gpu(m, here)
     if _gpu_used(m) and rec and now and rec["name"] != now["name"]:
         return f"GPU: {_gpu_words(rec)} recorded, {_gpu_words(now)} here; kernels round differently"
     return None
@@ -154,6 +279,54 @@ def cpu_capability_unpinnable(m: dict, here: Here) -> Optional[str]:
 def architecture_differs(m: dict, here: Here) -> Optional[str]:
     if m["cpu"]["architecture"] != here.cpu["architecture"]:
         return f"CPU architecture: {m['cpu']['architecture']} recorded, {here.cpu['architecture']} here"
+    return None
+
+
+def _replay_library_isa(m: dict, here: Here) -> tuple[dict, dict]:
+    """oneDNN/MKL facts (recorded, here): here as the replay child will run, with the recorded
+    environment variables restored (those that pin the libraries among them)."""
+    from .capture.cpu import library_isa
+
+    return m["cpu"], library_isa(here.cpu, m["env_vars"]["captured"])
+
+
+_PORTABLE_CPU = "ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=COMPATIBLE (see repro-track doctor)"
+
+
+def onednn_isa_differs(m: dict, here: Here) -> Optional[str]:
+    rec, now = _replay_library_isa(m, here)
+    if _gpu_used(m) or not rec.get("onednn_isa") or not now.get("onednn_isa"):
+        return None
+    if rec["onednn_isa"] != now["onednn_isa"]:
+        pinned = f"capped at {rec['onednn_isa_cap']}" if rec.get("onednn_isa_cap") else "not capped"
+        return (f"oneDNN: {rec['onednn_isa']} kernels recorded ({pinned}), {now['onednn_isa']} here "
+                f"({here.cpu.get('model') or '?'}); CPU convolutions and matmuls may round differently. "
+                f"Record with {_PORTABLE_CPU} for portable CPU runs")
+    return None
+
+
+def mkl_branch_fixed(value: Optional[str], vendor: Optional[str]) -> bool:
+    """Whether ``MKL_CBWR=value`` fixes oneMKL's code branch on a CPU of ``vendor``: a branch other
+    than AUTO on Intel; elsewhere only COMPATIBLE (others fall back to AUTO silently)."""
+    branch = (value or "").split(",")[0].strip().upper()
+    return bool(branch) and branch != "AUTO" and (vendor == "GenuineIntel" or branch == "COMPATIBLE")
+
+
+def mkl_code_path_differs(m: dict, here: Here) -> Optional[str]:
+    rec, now = _replay_library_isa(m, here)
+    if _gpu_used(m) or "mkl_cbwr" not in rec or not rec.get("mkl_version") or not here.cpu.get("mkl_version"):
+        return None
+    if mkl_branch_fixed(rec["mkl_cbwr"], rec.get("vendor")) \
+            and mkl_branch_fixed(now["mkl_cbwr"], here.cpu.get("vendor")):
+        return None
+    path_rec = (rec.get("vendor"), rec.get("model"), rec.get("mkl_isa"))
+    path_now = (here.cpu.get("vendor"), here.cpu.get("model"), now.get("mkl_isa"))
+    if path_rec != path_now:
+        def words(vendor: Any, model: Any, isa: Any) -> str:
+            return f"{model or '?'} ({vendor or '?'}{', ' + isa if isa else ''})"
+        return (f"oneMKL: {words(*path_rec)} recorded, {words(*path_now)} here, and MKL_CBWR did not fix "
+                "its code branch, so MKL picks kernels and blocking by CPU model and BLAS sums may round "
+                f"differently. Record with {_PORTABLE_CPU} for portable CPU runs")
     return None
 
 
@@ -200,6 +373,7 @@ def env_vars_differ(m: dict, here: Here) -> Optional[str]:
 RULES: tuple[Rule, ...] = (
     Rule("cuda_generator_without_gpu", "none", cuda_generator_without_gpu),
     Rule("cuda_generator_sm_count", "none", cuda_generator_sm_count),
+    Rule("device_generator_elsewhere", "none", device_generator_elsewhere),
     Rule("gpu_run_without_gpu", "none", gpu_run_without_gpu),
     Rule("argument_not_replayable", "none", argument_not_replayable),
     Rule("entry_point_not_replayable", "none", entry_point_not_replayable),
@@ -211,7 +385,15 @@ RULES: tuple[Rule, ...] = (
     Rule("diffusers_version", "close", _software_rule("diffusers", lambda s: _version(s, "diffusers"))),
     Rule("transformers_version", "close",
          _software_rule("transformers", lambda s: _version(s, "transformers"))),
+    Rule("numpy_version", "close", _software_rule("numpy", lambda s: _version(s, "numpy"))),
+    Rule("peft_version", "close", _software_rule("peft", lambda s: _version(s, "peft"))),
+    Rule("accelerate_version", "close", _software_rule("accelerate", lambda s: _version(s, "accelerate"))),
+    Rule("xformers_version", "close",
+         _software_rule("xformers", lambda s: _version(s, "xformers"), gpu_only=True)),
+    Rule("python_version", "close", _software_rule("Python", lambda s: s["python"]["version"])),
     Rule("cpu_capability_unpinnable", "close", cpu_capability_unpinnable),
+    Rule("onednn_isa", "close", onednn_isa_differs),
+    Rule("mkl_code_path", "close", mkl_code_path_differs),
     Rule("architecture", "close", architecture_differs),
     Rule("nondeterministic_gpu_kernels", "close", nondeterministic_gpu_kernels),
     Rule("source_changed", "close", source_changed),
@@ -246,10 +428,11 @@ def risks(m: dict[str, Any]) -> list[str]:
     """What would stop an exact replay of this recording on another machine, in words."""
     out = []
     gens = _cuda_generators(m)
-    gpu = _gpu0(m["gpu"])
-    if gens:
-        out.append(f"CUDA generator: the noise depends on the GPU's SM count ({_gpu_words(gpu)}); "
-                   "a CPU generator gives portable noise")
+    gpu = _rec_gpu(m)
+    if gens or _cuda_default_consumed(m):
+        source = "CUDA generator" if gens else "CUDA default generator (no generator argument)"
+        out.append(f"{source}: draws above the GPU's launch grid depend on its SM count "
+                   f"({_gpu_words(gpu)}); a CPU generator gives portable noise")
     if _gpu_used(m):
         sw = m["software"]["torch"]
         out.append(f"GPU arithmetic: needs {_gpu_words(gpu)}, driver {m['gpu']['driver_version']}, "
@@ -261,6 +444,12 @@ def risks(m: dict[str, Any]) -> list[str]:
     if cap and not _gpu_used(m):
         out.append(f"CPU kernels {cap} with {m['determinism']['num_threads']} threads: the replayer "
                    "restores both where the CPU supports them")
+        cpu = m["cpu"]
+        if cpu.get("onednn_isa") and not cpu.get("onednn_isa_cap"):
+            out.append(f"oneDNN ran {cpu['onednn_isa']} kernels, not capped: another CPU may pick others")
+        if cpu.get("mkl_version") and "mkl_cbwr" in cpu \
+                and not mkl_branch_fixed(cpu["mkl_cbwr"], cpu.get("vendor")):
+            out.append("oneMKL code branch not fixed (MKL_CBWR): another CPU model may round differently")
     for name, arg in sorted(m["arguments"].items()):
         if not arg["replayable"]:
             out.append(f"argument {name!r} cannot be rebuilt")

@@ -142,7 +142,9 @@ def install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 class TestTwoGpuMachine:
     """A machine with two different GPUs is described device by device."""
 
-    def test_section(self, install: Any) -> None:
+    def test_section(self, install: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
         install(two_gpu_machine())
         section = gpu.capture_gpu()
         assert section == {
@@ -158,6 +160,11 @@ class TestTwoGpuMachine:
                  "sm_count": 108, "max_threads_per_sm": None, "memory_total_bytes": 42_949_672_960,
                  "mig_mode": "enabled"},
             ],
+            # Two models and CUDA's default fastest-first order: which NVML device is cuda:0 is unknown
+            # until CUDA starts (then torch's UUIDs tell).
+            "cuda_visible_devices": None,
+            "cuda_order": [None, None],
+            "used": [],
         }
         json.dumps(section)
 
@@ -205,7 +212,8 @@ class TestTwoGpuMachine:
 class TestStartFailures:
     """Without a usable NVML the section says why instead of raising."""
 
-    def test_library_not_found(self, install: Any) -> None:
+    def test_library_not_found(self, install: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
         fake = install(FakeNvml(gpus=[], init_error=NVMLError_LibraryNotFound()))
         section = gpu.capture_gpu()
         assert section == {
@@ -214,6 +222,9 @@ class TestStartFailures:
             "driver_version": None,
             "cuda_driver_version": None,
             "devices": [],
+            "cuda_visible_devices": None,
+            "cuda_order": [],
+            "used": [],
         }
         assert fake.calls == ["nvmlInit"]  # no shutdown without a successful init
 

@@ -42,6 +42,7 @@ def _static() -> tuple[dict[str, Any], dict[str, Any], str]:
         "distributions_sha256": hashlib.sha256(requirements.encode()).hexdigest(),
     }
     cpu_section = {**cpu.capture_cpu(), **torch_state.torch_cpu_facts()}
+    cpu_section.update(cpu.library_isa(cpu_section))  # oneDNN/MKL read their caps once, at first use
     return software, cpu_section, requirements
 
 

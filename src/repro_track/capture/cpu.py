@@ -54,7 +54,7 @@ RELEVANT_ISA_FLAGS: frozenset[str] = frozenset(
         "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c",
         "avx512f", "avx512bw", "avx512vl", "avx512dq",
         "avx512_vnni", "avx512_bf16", "avx512_fp16",
-        "amx_tile", "amx_bf16", "amx_int8",
+        "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
         "asimd", "sve", "sve2", "neon",
     }
 )
@@ -193,6 +193,66 @@ def mkl_instructions_for(capability: str) -> str | None:
     """
     entry = _CAPABILITIES.get(_canonical(capability))
     return entry[3] if entry else None
+
+
+# oneDNN's x86 ISA levels, best first: (ONEDNN_MAX_CPU_ISA spelling, CPU flags it needs). oneDNN picks
+# the best level the CPU offers (src/cpu/x64/cpu_isa_traits.hpp, mayiuse) unless the variable caps it;
+# checked here: the verbose "isa:" line on an AVX-512 + BF16 EPYC names AVX512_CORE_BF16 uncapped,
+# and AVX2 under ONEDNN_MAX_CPU_ISA=AVX2.
+_AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+_ONEDNN_LEVELS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("AVX512_CORE_AMX_FP16", _AVX512_CORE | {"amx_tile", "amx_bf16", "amx_int8", "amx_fp16"}),
+    ("AVX512_CORE_AMX", _AVX512_CORE | {"amx_tile", "amx_bf16", "amx_int8"}),
+    ("AVX512_CORE_FP16", _AVX512_CORE | {"avx512_fp16", "avx512_bf16", "avx512_vnni"}),
+    ("AVX512_CORE_BF16", _AVX512_CORE | {"avx512_bf16", "avx512_vnni"}),
+    ("AVX512_CORE_VNNI", _AVX512_CORE | {"avx512_vnni"}),
+    ("AVX512_CORE", _AVX512_CORE),
+    ("AVX2_VNNI", frozenset({"avx2", "fma", "avx_vnni"})),
+    ("AVX2", frozenset({"avx2", "fma"})),
+    ("AVX", frozenset({"avx"})),
+    ("SSE41", frozenset({"sse4_1"})),
+)
+# oneMKL's dispatch levels on Intel CPUs, best first (MKL_ENABLE_INSTRUCTIONS spellings).
+_MKL_LEVELS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("AVX512", _AVX512_CORE),
+    ("AVX2", frozenset({"avx2", "fma"})),
+    ("AVX", frozenset({"avx"})),
+    ("SSE4_2", frozenset({"sse4_2"})),
+)
+
+
+def library_isa(cpu_section: dict[str, Any], env: Any = None) -> dict[str, Any]:
+    """The instruction sets oneDNN and oneMKL use on this CPU under ``env`` (default: os.environ).
+
+    ``onednn_isa``/``mkl_isa`` are the levels in effect (the best the CPU's flags offer, capped by
+    ``ONEDNN_MAX_CPU_ISA``/``DNNL_MAX_CPU_ISA`` and ``MKL_ENABLE_INSTRUCTIONS``); ``mkl_isa`` is None
+    off Intel, where oneMKL ignores the cap and picks its own code path by CPU model. ``mkl_cbwr`` is
+    ``MKL_CBWR``, MKL's fixed code branch. A level is None when the library is not in this torch build
+    or the architecture is not x86.
+    """
+    env = os.environ if env is None else env
+    flags = {flag.lower() for flag in cpu_section.get("isa_flags") or []}
+    x86 = str(cpu_section.get("architecture") or "").lower() in ("x86_64", "amd64", "i686", "x86")
+    onednn_cap = env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or None
+    mkl_cap = env.get("MKL_ENABLE_INSTRUCTIONS") or None
+    intel = cpu_section.get("vendor") == "GenuineIntel"
+    onednn = _capped(_ONEDNN_LEVELS, flags, onednn_cap) if x86 and cpu_section.get("onednn_version") else None
+    mkl = _capped(_MKL_LEVELS, flags, mkl_cap) if x86 and intel and cpu_section.get("mkl_version") else None
+    return {"onednn_isa": onednn, "onednn_isa_cap": onednn_cap, "mkl_isa": mkl,
+            "mkl_enable_instructions": mkl_cap, "mkl_cbwr": env.get("MKL_CBWR") or None}
+
+
+def _capped(levels: tuple[tuple[str, frozenset[str]], ...], flags: set[str], cap: str | None) -> str:
+    """The best level whose flags are all present, at or below ``cap`` (an unknown cap is ignored,
+    as the libraries ignore it)."""
+    names = [name for name, _ in levels]
+    key = (cap or "").strip().upper()
+    # "ALL", or a level newer than the table (AVX10_1_512, ...): the best the CPU offers applies.
+    start = names.index(key) if key in names else 0
+    for name, needed in levels[start:]:
+        if needed <= flags:
+            return name
+    return "DEFAULT"
 
 
 def _canonical(capability: str) -> str:

@@ -43,12 +43,53 @@ def capture_gpu() -> dict[str, Any]:
     ``available`` False.
     """
     section = copy.deepcopy(_static_gpu())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    torch_uuids: list[str | None] | None = None
+    current: int | None = None
     if section["available"] and section["devices"]:
         try:
-            _fill_from_torch(section["devices"])
+            torch_uuids, current = _fill_from_torch(section["devices"])
         except Exception as exc:  # torch is optional extra detail, never a failure
             log.debug("could not read device properties from torch: %r", exc)
+    order = cuda_order(section["devices"], visible, os.environ.get("CUDA_DEVICE_ORDER"), torch_uuids)
+    section["cuda_visible_devices"] = visible
+    section["cuda_order"] = order
+    used = order[current] if current is not None and current < len(order) else None
+    section["used"] = [] if used is None else [used]
     return section
+
+
+def cuda_order(devices: list[dict[str, Any]], visible: str | None, device_order: str | None,
+               torch_uuids: list[str | None] | None = None) -> list[int | None]:
+    """The NVML index of each CUDA device index (``cuda:k`` is NVML device ``order[k]``), None where
+    it cannot be told.
+
+    With torch's UUIDs (CUDA already started) the match is exact. Otherwise ``CUDA_VISIBLE_DEVICES``
+    is read as CUDA reads it: UUIDs (or unique prefixes) name devices, integers are positions in
+    CUDA's own enumeration, which is NVML's PCI order only under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
+    or when all GPUs are the same model (then any of them has the same facts); enumeration stops at
+    the first entry that names nothing.
+    """
+    by_key = {_uuid_key(d.get("uuid")): d["index"] for d in devices if _uuid_key(d.get("uuid"))}
+    if torch_uuids is not None and all(torch_uuids):
+        return [by_key.get(_uuid_key(u)) for u in torch_uuids]
+    pci_order = device_order == "PCI_BUS_ID" or len({d.get("name") for d in devices}) <= 1
+    positions = [d["index"] for d in devices]
+    if visible is None:
+        return [i if pci_order else None for i in positions]
+    order: list[int | None] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit():
+            if int(entry) >= len(positions):
+                break
+            order.append(positions[int(entry)] if pci_order else None)
+            continue
+        key = _uuid_key(entry)
+        matches = [index for k, index in by_key.items() if key and k.startswith(key)]
+        if len(matches) != 1 or not entry.lower().startswith(("gpu-", "mig-")):
+            break
+        order.append(matches[0])
+    return order
 
 
 def clear_cache() -> None:
@@ -202,14 +243,17 @@ def _mig_mode(nvml: Any, handle: Any) -> str:
     return "enabled" if current == enabled else "disabled"
 
 
-def _fill_from_torch(devices: list[dict[str, Any]]) -> None:
-    """Add torch's SM facts, but only if the caller's code already initialised CUDA."""
+def _fill_from_torch(devices: list[dict[str, Any]]) -> tuple[list[str | None] | None, int | None]:
+    """Add torch's SM facts, but only if the caller's code already initialised CUDA.
+
+    Returns torch's device UUIDs in CUDA order and its current device, or (None, None).
+    """
     torch = sys.modules.get("torch")
     if torch is None:
-        return
+        return None, None
     cuda = getattr(torch, "cuda", None)
     if cuda is None or not cuda.is_initialized():
-        return
+        return None, None
     props = []
     for index in range(cuda.device_count()):
         prop = cuda.get_device_properties(index)
@@ -224,6 +268,7 @@ def _fill_from_torch(devices: list[dict[str, Any]]) -> None:
             }
         )
     _merge_torch_properties(devices, props, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return [p["uuid"] for p in props], int(cuda.current_device())
 
 
 def _uuid_key(uuid: str | None) -> str | None:
@@ -264,3 +309,56 @@ def _merge_torch_properties(
             value = match.get(key)
             if isinstance(value, int) and value > 0:
                 device[key] = value
+
+
+# A short child that starts CUDA where the caller must not: the replay parent, to learn this
+# machine's SM counts from the CUDA runtime (NVML gives them for MIG slices only).
+_PROBE = (
+    "import json, torch\n"
+    "out = []\n"
+    "for i in range(torch.cuda.device_count()):\n"
+    "    p = torch.cuda.get_device_properties(i)\n"
+    "    u = getattr(p, 'uuid', None)\n"
+    "    out.append({'index': i, 'uuid': None if u is None else str(u), 'name': str(p.name),\n"
+    "                'sm_count': p.multi_processor_count,\n"
+    "                'max_threads_per_sm': getattr(p, 'max_threads_per_multi_processor', None)})\n"
+    "print(json.dumps(out))\n"
+)
+PROBE_TIMEOUT_S = 120.0
+
+
+def probe_cuda_properties(env: dict[str, str] | None = None,
+                          timeout: float = PROBE_TIMEOUT_S) -> list[dict[str, Any]] | None:
+    """Each CUDA device's SM count and threads per SM, read by the CUDA runtime in a child process
+    (so this process never starts CUDA); None when the probe fails, with the cause logged."""
+    import json
+    import subprocess
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                              timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("CUDA property probe failed: %r", exc)
+        return None
+    if done.returncode != 0:
+        log.debug("CUDA property probe exited %d: %s", done.returncode, done.stderr[-2000:])
+        return None
+    try:
+        props = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        log.debug("CUDA property probe printed no JSON: %r", exc)
+        return None
+    return props if isinstance(props, list) else None
+
+
+def with_cuda_properties(section: dict[str, Any], props: list[dict[str, Any]],
+                         visible: str | None) -> dict[str, Any]:
+    """A copy of a GPU section with SM facts and the CUDA order filled from probed properties."""
+    section = copy.deepcopy(section)
+    if not section.get("available"):
+        return section
+    _merge_torch_properties(section["devices"], props, visible)
+    uuids = [p.get("uuid") for p in props]
+    section["cuda_visible_devices"] = visible
+    section["cuda_order"] = cuda_order(section["devices"], visible, None, uuids)
+    return section

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGES: tuple[str, ...] = (
     "torch", "diffusers", "transformers", "numpy", "accelerate", "safetensors", "mlflow",
-    "mlflow-skinny", "repro-track", "nvidia-ml-py", "pillow", "xformers", "scipy",
+    "mlflow-skinny", "repro-track", "nvidia-ml-py", "pillow", "xformers", "scipy", "peft",
 )
 
 _NAME_SEPARATORS = re.compile(r"[-_.]+")

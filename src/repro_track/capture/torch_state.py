@@ -292,13 +292,40 @@ def global_rng_digests() -> dict[str, Any]:
     return {
         "torch_cpu": states["torch_cpu"]["sha256"],
         "torch_cuda": {d["index"]: d["sha256"] for d in states["torch_cuda"]["devices"]},
+        "torch_cuda_at_start": _cuda_states_at_start(),
         "numpy": states["numpy"]["sha256"],
         "python": states["python"]["sha256"],
     }
 
 
+def _cuda_states_at_start() -> list[dict[str, Any]]:
+    """Each CUDA default generator's state as it was when CUDA started, rebuilt from its seed.
+
+    CUDA starts lazily (``pipe.to("cuda")`` inside the call); until then ``torch.manual_seed`` only
+    queues the CUDA seed, and a default generator starts at that seed (or torch's fixed default)
+    with offset 0, so its seed alone gives the state the call's first draw began from.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return []
+    out = []
+    for index, gen in enumerate(torch.cuda.default_generators):
+        fresh = torch.Generator(device=f"cuda:{index}").manual_seed(gen.initial_seed())
+        raw = fresh.get_state().numpy().tobytes()
+        out.append({"index": index, "state_b64": _b64(raw), "sha256": _sha(raw), "consumed": False})
+    return out
+
+
 def mark_consumed(states: dict[str, Any], after: dict[str, Any]) -> None:
-    """Set each ``consumed`` flag by comparing entry states with the digests taken at exit."""
+    """Set each ``consumed`` flag by comparing entry states with the digests taken at exit.
+
+    When CUDA was not started at entry but is at exit, the call started it: the CUDA default
+    generators' states at that moment are filled in (``started_in_call``), so a replay restores them.
+    """
+    cuda = states["torch_cuda"]
+    if not cuda["available"] and after.get("torch_cuda_at_start"):
+        cuda.update(available=True, reason=None, started_in_call=True,
+                    devices=[dict(d) for d in after["torch_cuda_at_start"]])
     states["torch_cpu"]["consumed"] = states["torch_cpu"]["sha256"] != after["torch_cpu"]
     for device in states["torch_cuda"]["devices"]:
         device["consumed"] = device["sha256"] != after["torch_cuda"].get(device["index"])

@@ -94,16 +94,40 @@ def check_entry_point(m: Manifest, project_dir: Path) -> tuple[Path, Path, str |
     return path, root, source.sha256
 
 
-def describe_here(source_sha256: str | None) -> Here:
-    """This machine, for the prediction rules (reads facts only; CUDA is not started)."""
+def describe_here(source_sha256: str | None, manifest: dict[str, Any] | None = None) -> Here:
+    """This machine, for the prediction rules (reads facts only; CUDA is not started here).
+
+    When ``manifest`` drew noise on a CUDA device, the SM counts come from the CUDA runtime in a
+    short child process, so that the SM-count rule can compare them (NVML has them for MIG only).
+    """
     import torch
 
     from ..capture import envvars, gpu, static_facts
+    from ..rules import uses_cuda_noise
 
     software, cpu, _ = static_facts()
-    return Here(cpu=cpu, gpu=gpu.capture_gpu(), software=software,
-                cuda_usable=bool(torch.cuda.is_available()), num_threads=torch.get_num_threads(),
-                source_sha256=source_sha256, env_vars=envvars.capture_env_vars())
+    cuda_usable = bool(torch.cuda.is_available())
+    section = gpu.capture_gpu()
+    if manifest is not None and cuda_usable and uses_cuda_noise(manifest):
+        props = gpu.probe_cuda_properties()
+        if props:
+            section = gpu.with_cuda_properties(section, props, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return Here(cpu=cpu, gpu=section, software=software,
+                cuda_usable=cuda_usable, num_threads=torch.get_num_threads(),
+                source_sha256=source_sha256, env_vars=envvars.capture_env_vars(),
+                accelerators=_accelerators(torch, cuda_usable))
+
+
+def _accelerators(torch: Any, cuda_usable: bool) -> tuple[str, ...]:
+    """The non-CPU device types usable here, asked without starting any of them."""
+    found = ["cuda"] if cuda_usable else []
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found.append("xpu")
+    return tuple(found)
 
 
 def child_environment(m: Manifest, here: Here) -> tuple[dict[str, str], list[str], list[str]]:
