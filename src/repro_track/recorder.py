@@ -126,7 +126,11 @@ class Recorder:
                   "it runs unrecorded")
             log.debug("capture failed", exc_info=True)
             return self._call(args, kwargs) + (None,)
-        result, error = self._call(args, kwargs)
+        from .capture import pipelines
+
+        with pipelines.collecting() as loaded:
+            result, error = self._call(args, kwargs)
+        entry["loaded_pipelines"] = loaded
         entry["ended"] = time.perf_counter()
         entry["ended_at"] = _now()
         try:
@@ -146,11 +150,14 @@ class Recorder:
     # ------------------------------------------------------------ capture at entry and exit
 
     def _enter(self, bound: inspect.BoundArguments) -> dict[str, Any]:
-        from .capture import arguments, envvars, torch_state
+        from .capture import arguments, dispatch, envvars, pipelines, torch_state
 
         bound.apply_defaults()
         captured = arguments.capture_arguments(bound, settings.MAX_INPUT_BYTES.get())
         return {
+            "global_pipelines": {name: arguments.pipeline_identity(pipe)
+                                 for name, pipe in pipelines.used_globals(self.fn).items()},
+            "autocast": dispatch.autocast_state(),
             "git": self._git_in_background(),
             "args": captured,
             "global": torch_state.global_rng_states(),
@@ -187,6 +194,8 @@ class Recorder:
         env = environment(None, git_state=entry["git"].result())
         knobs = entry["knobs"]
         knobs["cuda_used"] = torch_state.cuda_started()  # the call may have started CUDA
+        if entry["autocast"]:
+            knobs["autocast"] = entry["autocast"]
         manifest = Manifest(
             kind=kind,
             replay_of=replay_of,
@@ -204,6 +213,7 @@ class Recorder:
             outputs=[outputs.describe(item, saved=self.options.log_outputs and outputs.savable(item.value))
                      for item in items],
             code=_code_identity(self.fn, site, env.git),
+            pipelines=_used_pipelines(entry),
         )
         return Recording(manifest, items if self.options.log_outputs else [], captured.inputs,
                          env.requirements, env.git_diff)
@@ -216,24 +226,43 @@ class Recorder:
 
         try:
             return deliver(recording, self.options, parent=current_parent())
-        except Exception as exc:  # deliver spools on its own; this is the last line of defence
-            _warn(f"repro-track could not log or spool the recording of {self.fn.__qualname__}: {exc!r}")
+        except Exception as exc:  # staging itself failed (no writable spool): the recording is lost
+            _warn(f"repro-track could not keep the recording of {self.fn.__qualname__}: {exc}")
             return RecordOutcome(None, self.options.tracking_uri or "", None,
                                  recording.manifest.digest, repr(exc))
 
 
+def _used_pipelines(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Module-level pipelines the function names, then those loaded inside the call, in load order."""
+    from .capture.arguments import pipeline_identity
+
+    used = [{"origin": "global", "name": name, "identity": identity}
+            for name, identity in sorted(entry["global_pipelines"].items())]
+    for index, pipe in enumerate(entry.get("loaded_pipelines") or []):
+        identity = pipeline_identity(pipe)
+        used.append({"origin": "loaded", "name": identity["repo_id"] or identity["name_or_path"] or f"#{index}",
+                     "identity": identity})
+    return used
+
+
 def _code_identity(fn: Callable[..., Any], site: dict[str, Any], git: dict[str, Any]) -> dict[str, Any]:
     """The project's code as recorded: commit, uncommitted-diff digest, and the module file's digest."""
-    module_sha = None
+    from .capture import sources
+
+    module_sha, files = None, []
     try:
         path = Path(inspect.getsourcefile(fn) or "")
         if site["source_file"] and path.is_file():
             stat = path.stat()
             module_sha = _file_sha256(str(path), stat.st_mtime_ns, stat.st_size)
+            _, root = _function_source(str(path), stat.st_mtime_ns, stat.st_size, fn.__qualname__)
+            # Every project module loaded at the end of the call (helpers included), by digest.
+            tracked = sources.tracked_files(root) if git.get("available") else None
+            files = sources.imported_files(root, tracked)
     except (TypeError, OSError):
         module_sha = None
     return {"commit": git.get("commit"), "diff_sha256": git.get("diff_sha256"),
-            "module_file": site["source_file"], "module_sha256": module_sha, "files": []}
+            "module_file": site["source_file"], "module_sha256": module_sha, "files": files}
 
 
 @functools.lru_cache(maxsize=256)
@@ -267,8 +296,13 @@ def _primary(captured: Any) -> dict[str, Any]:
 def _error_record(error: BaseException | None) -> dict[str, str] | None:
     if error is None:
         return None
+    from .scrub import blank
+
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    return {"type": _type_name(error), "message": str(error)[:10000], "traceback": text[-20000:]}
+    # Blanked before the final cut, and cut from far wider slices first, so that no secret is halved
+    # at the cut into a piece the rules no longer recognise.
+    message = blank(str(error)[:100_000])[:10000]
+    return {"type": _type_name(error), "message": message, "traceback": blank(text[-200_000:])[-20000:]}
 
 
 def _warn(message: str) -> None:
@@ -290,6 +324,9 @@ def record(fn: F | None = None, *, experiment: str | None = None, run_name: str 
                             deterministic)
 
     def decorate(func: F) -> F:
+        from .capture import pipelines
+
+        pipelines.install()  # pipelines loaded from here on note their revision and variant
         recorder = Recorder(func, options)
 
         @functools.wraps(func)

@@ -13,6 +13,7 @@ from typing import Any
 from . import tags
 from .errors import IntegrityError, RunNotFoundError, StoreError
 from .manifest import Manifest
+from .signing import UNSIGNED, SignatureCheck, check_run
 
 _RUN_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
@@ -37,6 +38,7 @@ class LoadedRun:
     outputs_path: Path | None
     inputs_path: Path | None
     run_tags: dict[str, str]
+    signature: SignatureCheck = UNSIGNED
 
 
 def _download(client: Any, run_id: str, path: str, dest: Path) -> Path | None:
@@ -48,6 +50,11 @@ def _download(client: Any, run_id: str, path: str, dest: Path) -> Path | None:
     if name not in listed:
         return None
     return Path(client.download_artifacts(run_id, path, str(dest)))
+
+
+def fetch_artifact(client: Any, run_id: str, path: str, dest: Path) -> Path | None:
+    """Download one artifact of a run under dest; None when the run has no such artifact."""
+    return _download(client, run_id, path, dest)
 
 
 def get_run(client: Any, run_id: str) -> Any:
@@ -80,13 +87,17 @@ def load_run(client: Any, ref: str, dest: Path) -> LoadedRun:
     if outputs_path is not None:
         verify_arrays(outputs_path, saved, run_id, "output")
     saved_inputs = [{"name": n, **a} for n, a in manifest.arguments.items() if a.get("saved")]
+    saved_inputs += [{"name": item["key"], **item} for a in manifest.arguments.values()
+                     if a.get("kind") == "images" for item in a["items"] if item["saved"]]
     if saved_inputs:
         if inputs_path is None:
             raise IntegrityError(f"run {run_id}: {tags.INPUTS_PATH} is missing", run_id=run_id,
                                  item="inputs")
         verify_arrays(inputs_path, saved_inputs, run_id, "input")
+    # Checked last, on the very files read above; replay refuses a bad one when signing is required.
+    signature = check_run(client, run_id, _download(client, run_id, tags.SIGNATURE_PATH, dest), dest)
     return LoadedRun(run_id, run.info.experiment_id, manifest, outputs_path, inputs_path,
-                     dict(run.data.tags))
+                     dict(run.data.tags), signature)
 
 
 def verify_arrays(path: Path, records: list[dict[str, Any]], run_id: str, what: str) -> dict[str, Any]:

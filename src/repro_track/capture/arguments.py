@@ -14,10 +14,11 @@ import json
 import math
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .. import outputs
-from .envvars import looks_like_secret_argument, looks_like_secret_value
+from .. import outputs, scrub
+from . import host_rngs, images, pipelines
 from .torch_state import generator_record
 
 _MAX_JSON_CHARS = 1_000_000
@@ -61,17 +62,6 @@ def _json_safe(value: Any, depth: int = 0) -> bool:
         return all(_json_safe(v, depth + 1) for v in value)
     if isinstance(value, dict):
         return all(isinstance(k, str) and _json_safe(v, depth + 1) for k, v in value.items())
-    return False
-
-
-def _contains_secret(value: Any, depth: int = 0) -> bool:
-    """Whether any string inside a JSON value looks like a credential (URL with password, token)."""
-    if isinstance(value, str):
-        return looks_like_secret_value(value)
-    if isinstance(value, (list, tuple)) and depth < 32:
-        return any(_contains_secret(v, depth + 1) for v in value)
-    if isinstance(value, dict) and depth < 32:
-        return any(_contains_secret(v, depth + 1) for v in value.values())
     return False
 
 
@@ -132,8 +122,12 @@ def _component_record(component: Any) -> dict[str, Any]:
         )
     if hasattr(component, "state_dict") and hasattr(component, "parameters"):
         record["weights_sha256"] = weights_sha256(component)
+        record.update(pipelines.placement(component))
     name = getattr(component, "name_or_path", None)
-    record["name_or_path"] = str(name) if name else None
+    record["name_or_path"] = scrub.blank(str(name)) if name else None
+    # A config may carry what a user put there (an endpoint with a password, a key): blanked in place,
+    # so the identity keeps every other value.
+    record["config"] = scrub.blank_json(record["config"])
     return record
 
 
@@ -147,8 +141,8 @@ def pipeline_identity(pipe: Any) -> dict[str, Any]:
         overall.update(f"{name}={comp['weights_sha256']};".encode())
     return {
         "class": _type_name(pipe),
-        "name_or_path": str(pipe.name_or_path) if getattr(pipe, "name_or_path", None) else None,
-        "revision": pipe.config.get("_commit_hash") if hasattr(pipe.config, "get") else None,
+        "name_or_path": scrub.blank(str(pipe.name_or_path)) if getattr(pipe, "name_or_path", None) else None,
+        **pipelines.origin(pipe, Path.cwd()),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "components": components,
@@ -159,7 +153,7 @@ def pipeline_identity(pipe: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- one argument
 
 def _describe(name: str, value: Any, captured: CapturedArguments, max_input_bytes: int) -> dict:
-    if looks_like_secret_argument(name) and value is not None:
+    if scrub.is_secret_argument(name) and value is not None:
         return {"kind": "redacted", "replayable": False,
                 "reason": f"argument {name!r} looks like a credential and was not recorded"}
     if _is_generator(value):
@@ -168,8 +162,9 @@ def _describe(name: str, value: Any, captured: CapturedArguments, max_input_byte
     if isinstance(value, (list, tuple)) and value and all(_is_generator(v) for v in value):
         refs = [_add_generator(captured, v, name, i) for i, v in enumerate(value)]
         return {"kind": "generators", "replayable": True, "reason": None, "generators": refs}
+    value = _numpy_scalar(value)
     if _json_safe(value):
-        if _contains_secret(value):
+        if scrub.json_holds_secret(value):
             return {"kind": "redacted", "replayable": False,
                     "reason": f"argument {name!r} holds a value that looks like a credential; "
                               "it was not recorded"}
@@ -180,9 +175,23 @@ def _describe(name: str, value: Any, captured: CapturedArguments, max_input_byte
         if name == "seed" or name.endswith("_seed"):
             if isinstance(value, int) and not isinstance(value, bool):
                 captured.seeds[name] = value
-        return {"kind": "json", "replayable": True, "reason": None, "value": value}
+        record = {"kind": "json", "replayable": True, "reason": None, "value": value}
+        if isinstance(value, tuple):
+            record["container"] = "tuple"  # JSON has no tuples; the replay rebuilds one
+        return record
     if outputs._is_tensor(value) or outputs._is_ndarray(value):
         return _describe_array(name, value, captured, max_input_bytes)
+    if images.is_pil_image(value):
+        item = _describe_image(name, value, captured, max_input_bytes)
+        return {"kind": "image", **item, "replayable": item["saved"],
+                "reason": None if item["saved"] else _not_saved(name, item["nbytes"], max_input_bytes)}
+    if isinstance(value, (list, tuple)) and value and all(images.is_pil_image(v) for v in value):
+        items = [_describe_image(f"{name}.{i}", v, captured, max_input_bytes) for i, v in enumerate(value)]
+        unsaved = [_not_saved(i["key"], i["nbytes"], max_input_bytes) for i in items if not i["saved"]]
+        return {"kind": "images", "replayable": not unsaved, "reason": unsaved[0] if unsaved else None,
+                "items": items, **({"container": "tuple"} if isinstance(value, tuple) else {})}
+    if host_rngs.rng_kind(value) is not None:
+        return {"kind": "rng", "replayable": True, "reason": None, "rng": host_rngs.rng_record(value)}
     if _is_pipeline(value):
         return {"kind": "pipeline", "replayable": bool(getattr(value, "name_or_path", None)),
                 "reason": None if getattr(value, "name_or_path", None)
@@ -208,13 +217,48 @@ def _describe_array(name: str, value: Any, captured: CapturedArguments, max_byte
     kind = "tensor" if outputs._is_tensor(value) else "ndarray"
     saved = record["nbytes"] <= max_bytes and outputs.savable(value)
     if saved:
-        captured.inputs.append(outputs.NamedArray(name, value, kind))
+        # A copy taken now: the call may write into its inputs (latents updated in place), and the
+        # saved bytes must be the ones the digest above describes.
+        captured.inputs.append(outputs.NamedArray(name, _snapshot(value), kind))
     return {
         "kind": kind, "replayable": saved,
-        "reason": None if saved else f"argument {name!r} ({record['nbytes']} bytes) was not saved",
+        "reason": None if saved else _not_saved(name, record["nbytes"], max_bytes),
         "dtype": record["dtype"], "shape": record["shape"], "sha256": record["sha256"],
         "device": record["device"], "saved": saved,
     }
+
+
+def _not_saved(name: str, nbytes: int, max_bytes: int) -> str:
+    if nbytes > max_bytes:
+        return (f"argument {name!r} ({nbytes} bytes) was not saved: over the {max_bytes}-byte cap "
+                "(raise REPRO_TRACK_MAX_INPUT_BYTES to record it)")
+    return f"argument {name!r} ({nbytes} bytes) was not saved: its dtype cannot be stored"
+
+
+def _snapshot(value: Any) -> Any:
+    if outputs._is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    return value.copy()
+
+
+def _describe_image(name: str, image: Any, captured: CapturedArguments, max_bytes: int) -> dict:
+    """One PIL image: its raw bytes saved under ``name`` (a snapshot), mode, size and digest."""
+    raw, meta = images.snapshot(image)
+    record = outputs.describe(outputs.NamedArray(name, raw, "ndarray"), saved=False)
+    saved = record["nbytes"] <= max_bytes
+    if saved:
+        captured.inputs.append(outputs.NamedArray(name, raw, "ndarray"))
+    return {"key": name, **meta, "dtype": record["dtype"], "shape": record["shape"],
+            "sha256": record["sha256"], "nbytes": record["nbytes"], "saved": saved}
+
+
+def _numpy_scalar(value: Any) -> Any:
+    """numpy scalars (a seed drawn with numpy) as the Python numbers they stand for."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        item = value.item()
+        if isinstance(item, (bool, int, float)):
+            return item
+    return value
 
 
 def capture_arguments(bound: inspect.BoundArguments, max_input_bytes: int) -> CapturedArguments:

@@ -6,24 +6,26 @@ the prediction and the plan exist before anything runs, and ``dry_run`` stops th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import EntryPointRefused, NotReplayableError, ReproTrackError
+from ..outcomes import NOT_RERUN, meets
+from . import parts
 from .compare import OutputComparison, compare_one, observed_level
-
-_RANK = {"exact": 0, "close": 1, "different": 2, "none": 3}
 
 
 @dataclass(frozen=True)
 class ReplayReport:
-    """What the replay expected, what it observed, and why."""
+    """What the replay expected, what it observed, and why (the outcomes of ``repro_track.outcomes``)."""
 
     run_id: str
     replay_run_id: str | None
@@ -36,14 +38,14 @@ class ReplayReport:
 
     @property
     def ok(self) -> bool:
-        """Observed at least as good as expected (exact >= close >= different)."""
+        """Observed at least as good as expected (exact >= close >= different); unverified never is."""
         if self.observed is None:
             return self.dry_run
-        return _RANK[self.observed] <= _RANK[self.expected]
+        return meets(self.expected, self.observed)
 
     @property
     def exit_code(self) -> int:
-        """0 ok, 1 reproduced worse than expected, 3 cannot be reproduced here (not rerun)."""
+        """0 ok, 1 worse than expected or unverified, 3 cannot be reproduced here (not rerun)."""
         if self.observed is None and not self.dry_run:
             return 3
         return 0 if self.ok else 1
@@ -66,45 +68,79 @@ def _quiet(_: str) -> None:
 
 def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.PathLike | None = None,
            dry_run: bool = False, atol: float | None = None, rtol: float | None = None,
-           log: bool = True, force: bool = False,
+           log: bool = True, force: bool = False, current_code: bool = False,
+           apply_recorded_diff: bool = False, diff_trusted: bool = False, timeout: float | None = None,
+           require_signed: bool | None = None,
            progress: Callable[[str], None] = _quiet) -> ReplayReport:
     """Replay a recorded run here and report expected vs observed.
 
     Raises RunNotFoundError, ManifestError, IntegrityError or EntryPointRefused before anything
-    runs when the run is missing, corrupt or names a function that is not a recorded one.
+    runs when the run is missing, corrupt or names a function that is not a recorded one. A child
+    that runs longer than ``timeout`` seconds (default ``REPRO_TRACK_REPLAY_TIMEOUT``, 0 for no
+    limit) is ended and the replay is ``unverified``.
+
+    When the project's code differs from the recorded code identity, the recorded commit runs from
+    a temporary git worktree unless ``current_code``. The recorded uncommitted diff is applied only
+    when ``diff_trusted`` (the caller verified the run's signature) or ``apply_recorded_diff`` (the
+    user's consent after a dry run showed it).
+
+    With ``require_signed`` (default ``REPRO_TRACK_REQUIRE_SIGNED``) an unsigned run, or one whose
+    signature does not verify with a trusted key, raises SignatureError before anything runs.
     """
-    from .. import runs, store
+    from .. import runs, settings, signing, store
     from ..rules import predict
     from .plan import build_plan, check_entry_point, describe_here
+    from .trust import check_arguments, check_environment
 
+    limit = _timeout(settings.REPLAY_TIMEOUT, timeout)
     project = Path(project_dir or Path.cwd())
     client = store.client_for(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="repro-track-replay-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="repro-track-replay-") as tmp, ExitStack() as cleanup:
         tmpdir = Path(tmp)
         progress(f"loading run {run} from {client.tracking_uri}")
         loaded = runs.load_run(client, run, tmpdir / "original")
+        if settings.REQUIRE_SIGNED.get() if require_signed is None else require_signed:
+            signing.require(loaded.signature, loaded.run_id)  # before anything is imported or run
         m = loaded.manifest
-        source, root, source_sha = check_entry_point(m, project)
-        here = describe_here(source_sha, m.to_dict())
+        check_environment(m.env_vars, loaded.run_id)  # a hand-written PYTHONPATH or LD_PRELOAD
+        code_plan, entry_dir = _code(client, loaded, project, tmpdir, cleanup, current_code=current_code,
+                                     consent=apply_recorded_diff, trusted=diff_trusted)
+        source, root, source_sha = check_entry_point(m, entry_dir)
+        check_arguments(m.arguments, loaded.run_id, root, entry_dir)  # pipeline classes, dtypes
+        here = dataclasses.replace(describe_here(source_sha, m.to_dict()), code=code_plan.facts())
         prediction = predict(m.to_dict(), here)
         reasons = [r.text for r in prediction.reasons]
+        missing_parts = parts.unavailable(m.to_dict(), project)  # a model folder or commit not here
+        reasons += missing_parts
+        expected = "none" if missing_parts else prediction.expected
+        overwritten = _overwritten_files(m.outputs)
+        reasons += [f"the replay would overwrite {path}, a file the recorded call returned"
+                    + ("" if force else "; pass --force to let it") for path in overwritten]
         plan = build_plan(m, loaded.run_id, project, here, source, root, loaded.inputs_path, force)
-        progress(f"expected: {prediction.expected}" + "".join(f"\n  - {r}" for r in reasons))
-        base = dict(run_id=loaded.run_id, expected=prediction.expected, reasons=reasons,
+        plan = dataclasses.replace(plan, notes=plan.notes + code_plan.describe())
+        progress(f"expected: {expected}" + "".join(f"\n  - {r}" for r in reasons))
+        base = dict(run_id=loaded.run_id, expected=expected, reasons=reasons,
                     plan=plan.describe())
         if dry_run:
             return ReplayReport(replay_run_id=None, observed=None, dry_run=True, **base)
-        if prediction.expected == "none" and not force:
+        if (expected == "none" or overwritten) and not force:
             return ReplayReport(replay_run_id=None, observed=None, **base)
         progress("running the function in a fresh process with the recorded environment")
         out = tmpdir / "replay"
         out.mkdir()
-        call_error = _run_child(plan, out)
+        try:
+            call_error = _run_child(plan, out, limit)
+        except _TimedOut:
+            reasons.append(f"the replay ran past its timeout of {limit:g} s and was ended, so nothing was "
+                           "compared (raise it with --timeout or REPRO_TRACK_REPLAY_TIMEOUT)")
+            return ReplayReport(replay_run_id=None, observed="unverified", **base)
         if call_error and not m.call["error"]:
             reasons.append(f"the replayed call raised {call_error}")
         replayed = json.loads((out / "artifacts" / "repro" / "manifest.json").read_text("utf-8"))
         results = _compare(loaded, replayed, out, atol, rtol)
-        observed = observed_level(results, m.call["status"], replayed["call"]["status"])
+        observed, why = observed_level(results, m.call, replayed["call"])
+        reasons += [why] if why else []
+        reasons += parts.child_notes(out) + parts.pipeline_differences(m.to_dict(), replayed)
         report = ReplayReport(replay_run_id=None, observed=observed, outputs=results, **base)
         if log:
             progress("logging the replay as a new MLflow run")
@@ -112,21 +148,77 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
         return report
 
 
-# The child runs in the project dir, but `python -m` would put that dir first on sys.path, so a project
-# file named like a module the child imports (json.py, typing.py) would run before any entry-point
-# check. The launcher drops it; the child adds the checked import root itself. (-P needs Python 3.11.)
+def _code(client: Any, loaded: Any, project: Path, tmpdir: Path, cleanup: ExitStack, *,
+          current_code: bool, consent: bool, trusted: bool) -> tuple[Any, Path]:
+    """Which code the replay runs, and the project dir to import it from (a worktree when recorded)."""
+    from .. import runs, tags
+    from . import code
+
+    m = loaded.manifest.to_dict()
+    diff_file = None
+    if m["code"].get("diff_sha256") and not current_code:
+        diff_file = runs.fetch_artifact(client, loaded.run_id, f"{tags.ARTIFACT_DIR}/{tags.GIT_DIFF_FILE}",
+                                        tmpdir / "original")
+    plan = code.plan_code(m, project, diff_file, current_code=current_code,
+                          apply_recorded_diff=consent, diff_trusted=trusted)
+    if plan.mode != code.RECORDED:
+        return plan, project
+    worktree = tmpdir / "recorded-code"
+    cleanup.callback(code.remove_worktree, project, worktree)
+    return code.build_worktree(plan, project, worktree)
+
+
+# `python -m` would put the working dir first on sys.path, so a file there named like a module the
+# child imports (json.py, typing.py) would run before any entry-point check. The launcher drops it;
+# the child adds the checked import root itself. (-P needs Python 3.11.)
 _CHILD_LAUNCHER = ("import sys; sys.path[:] = [p for p in sys.path if p != '']; import runpy; "
                    "runpy.run_module('repro_track.replay.child', run_name='__main__', alter_sys=True)")
 
 
-def _run_child(plan: Any, out: Path) -> str | None:
+def _timeout(setting: Any, given: float | None) -> float | None:
+    """Seconds the child may run (None: no limit), from the argument, else the setting."""
+    if given is not None:
+        if not given >= 0:
+            raise ReproTrackError(f"the replay timeout must be 0 (no limit) or more seconds, not {given}")
+        return given or None
+    try:
+        return setting.get()
+    except ValueError as exc:
+        raise ReproTrackError(f"{exc}; set it to a number of seconds, 0 for no limit") from None
+
+
+class _TimedOut(Exception):
+    """The replay child ran past its timeout and was ended."""
+
+
+def _overwritten_files(recorded_outputs: list[dict[str, Any]]) -> list[str]:
+    """Files the recorded call returned that a replay would write outside its scratch folder: absolute
+    paths that exist here, and relative ones that climb out with ``..``."""
+    paths = [o["file"]["path"] for o in recorded_outputs if o.get("file")]
+    return sorted({p for p in paths if (os.path.isabs(p) and os.path.lexists(p))
+                   or (not os.path.isabs(p) and ".." in Path(p).parts)})
+
+
+def _run_child(plan: Any, out: Path, timeout: float | None) -> str | None:
     plan_file = out / "plan.json"
     plan_file.write_text(json.dumps(plan.to_dict()), "utf-8")
     env = {k: v for k, v in os.environ.items() if k not in plan.env_unset}
     env.update(plan.env_set)
+    # A scratch working dir: files the call writes by relative path land there, not in the project
+    # (where they would overwrite the recording's own), and its recording reads them from there.
+    scratch = out / "work"
+    scratch.mkdir()
     # The child's stdout is the user's function's stdout: send it to our stderr so --json stays clean.
-    proc = subprocess.run([sys.executable, "-c", _CHILD_LAUNCHER, str(plan_file), str(out)],
-                          cwd=plan.project_dir, env=env, stdout=sys.stderr, stdin=subprocess.DEVNULL)
+    # Its own session, so that a timeout ends whatever it started too.
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD_LAUNCHER, str(plan_file), str(out)],
+                            cwd=scratch, env=env, stdout=sys.stderr, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise _TimedOut() from None
+    finally:
+        _end_group(proc)
     result_file = out / "result.json"
     result = json.loads(result_file.read_text("utf-8")) if result_file.is_file() else {}
     if proc.returncode == 2 and result.get("type") == "EntryPointRefused":
@@ -137,6 +229,23 @@ def _run_child(plan: Any, out: Path) -> str | None:
         raise ReproTrackError(f"the replay process failed (exit {proc.returncode}): "
                               f"{result.get('error', 'see the output above')}")
     return result.get("call_error")
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """End what is left of the child's process group: politely, then for good."""
+    import signal
+
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):  # the whole group has exited
+            break
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            break
 
 
 def _compare(loaded: Any, replayed: dict[str, Any], out: Path, atol: float | None,
@@ -172,7 +281,7 @@ def _log(client: Any, loaded: Any, report: ReplayReport, out: Path, replayed: di
         "recording_id": uuid.uuid4().hex, "experiment": experiment,
         "run_name": f"replay-of-{loaded.run_tags.get(tags.MLFLOW_RUN_NAME, loaded.run_id)}",
         "tags": {tags.REPLAY_OF: loaded.run_id, tags.EXPECTED: report.expected,
-                 tags.OBSERVED: report.observed or "not-run", "repro.ok": str(report.ok).lower()},
+                 tags.OBSERVED: report.observed or NOT_RERUN, "repro.ok": str(report.ok).lower()},
         "metrics": {k: v for k, v in metrics.items() if v is not None},
         "card": replay_card(replayed, "{run_id}", loaded.run_id, data,
                             images=sorted(p.relative_to(out / "artifacts").as_posix()

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..errors import EntryPointRefused, NotReplayableError, ReproTrackError
+from ..errors import EntryPointRefused, NotReplayableError, ReproTrackError, UntrustedManifestError
 
 SCRIPT_MODULE = "__repro_track_replayed_script__"
 
@@ -47,27 +47,71 @@ def load_entry(plan: dict[str, Any]) -> Any:
     return recorder
 
 
-def _pipeline(identity: dict[str, Any], force: bool) -> Any:
-    import torch
-    from diffusers import DiffusionPipeline
-
+def _pipeline(identity: dict[str, Any], force: bool, where: "Rebuild") -> Any:
     from ..capture.arguments import pipeline_identity
+    from .trust import pipeline_class
 
-    if not identity["name_or_path"]:
+    location = load_location(identity, where.project_dir)
+    if location is None:
         raise NotReplayableError("the recorded pipeline has no name_or_path to load it from")
-    pipe = DiffusionPipeline.from_pretrained(identity["name_or_path"], revision=identity["revision"],
-                                             torch_dtype=getattr(torch, identity["dtype"]))
+    # A diffusers class loads as itself; remote or custom code is never enabled from a manifest.
+    cls = pipeline_class(identity["class"])
+    try:
+        pipe = cls.from_pretrained(location, revision=identity["revision"] if location == identity.get("repo_id")
+                                   else None, variant=identity.get("variant"),
+                                   torch_dtype=_dtype(identity["dtype"]), trust_remote_code=False,
+                                   custom_pipeline=None)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        reason = " ".join(str(exc).split())[:400]  # one line, whatever diffusers wrote
+        raise NotReplayableError(f"the recorded pipeline {cls.__name__} could not be loaded from "
+                                 f"{identity['name_or_path']!r} (a replay never enables remote or custom "
+                                 f"code): {reason}") from None
     _restore_scheduler(pipe, identity)
     pipe = pipe.to(identity["device"])
+    _restore_component_dtypes(pipe, identity)
     rebuilt = pipeline_identity(pipe)
     for name, comp in identity["components"].items():
         now = rebuilt["components"].get(name, {})
-        if comp["weights_sha256"] != now.get("weights_sha256") and not force:
-            raise NotReplayableError(
-                f"pipeline component {name!r} loaded from {identity['name_or_path']!r} has other weights "
-                f"than recorded (sha256 {str(now.get('weights_sha256'))[:12]}... vs "
-                f"{str(comp['weights_sha256'])[:12]}...); use --force to replay anyway", argument=name)
+        if comp["weights_sha256"] != now.get("weights_sha256"):
+            text = (f"pipeline component {name!r} loaded from {location!r} has other weights than recorded "
+                    f"(sha256 {str(now.get('weights_sha256'))[:12]}... vs {str(comp['weights_sha256'])[:12]}...)")
+            if not force:
+                raise NotReplayableError(f"{text}; use --force to replay anyway", argument=name)
+            where.notes.append(f"{text}; replayed anyway (--force)")
     return pipe
+
+
+@dataclasses.dataclass
+class Rebuild:
+    """What rebuilding arguments needs beyond the manifest: the project folder, and notes for the parent."""
+
+    project_dir: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def load_location(identity: dict[str, Any], project_dir: str | None) -> str | None:
+    """Where to load a recorded pipeline from: its hub repo (at the recorded commit), else the recorded
+    folder, else the same project-relative folder in this checkout (identified by content afterwards)."""
+    if identity.get("source") == "hub" and identity.get("repo_id"):
+        return identity["repo_id"]
+    name = identity["name_or_path"]
+    if name and Path(name).is_dir():
+        return name
+    folder = identity.get("project_folder")
+    if folder and project_dir and not Path(folder).is_absolute():
+        root = Path(project_dir).resolve()
+        candidate = (root / folder).resolve()
+        if candidate.is_relative_to(root) and candidate.is_dir():  # never outside the project
+            return str(candidate)
+    return name
+
+
+def _restore_component_dtypes(pipe: Any, identity: dict[str, Any]) -> None:
+    # A pipeline loaded in one dtype with one part cast afterwards (a VAE kept in float32).
+    for name, comp in identity["components"].items():
+        part = getattr(pipe, name, None)
+        if comp.get("dtype") and hasattr(part, "parameters") and str(part.dtype).removeprefix("torch.") != comp["dtype"]:
+            part.to(_dtype(comp["dtype"]))
 
 
 def _restore_scheduler(pipe: Any, identity: dict[str, Any]) -> None:
@@ -78,18 +122,31 @@ def _restore_scheduler(pipe: Any, identity: dict[str, Any]) -> None:
     if not recorded or not recorded["class"] or recorded["config"] is None:
         return
     cls = getattr(diffusers, recorded["class"].rsplit(".", 1)[-1], None)
-    if cls is not None:
+    if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin):
         pipe.scheduler = cls.from_config(recorded["config"])
 
 
-def _value(name: str, arg: dict[str, Any], m: dict[str, Any], inputs: dict[str, Any], force: bool) -> Any:
+def _dtype(name: str) -> Any:
+    """The torch dtype a manifest names; refuses any other torch attribute (torch.load...)."""
+    import torch
+
+    value = getattr(torch, name, None) if not name.startswith("_") else None
+    if not isinstance(value, torch.dtype):
+        raise NotReplayableError(f"{name!r} is not a torch dtype")
+    return value
+
+
+def _value(name: str, arg: dict[str, Any], m: dict[str, Any], inputs: dict[str, Any], force: bool,
+           where: Rebuild) -> Any:
     import torch
 
     from ..capture.torch_state import rebuild_generator
 
     kind = arg["kind"]
     if kind == "json":
-        return arg["value"]
+        return tuple(arg["value"]) if arg.get("container") == "tuple" else arg["value"]
+    if kind in ("image", "images", "rng"):
+        return _host_value(name, arg, inputs)
     if kind in ("generator", "generators"):
         records = [m["randomness"]["generators"][i] for i in arg["generators"]]
         for record in records:
@@ -103,25 +160,43 @@ def _value(name: str, arg: dict[str, Any], m: dict[str, Any], inputs: dict[str, 
         tensor = inputs[name]
         return tensor.to(arg["device"]) if kind == "tensor" else tensor.numpy()
     if kind == "pipeline":
-        return _pipeline(arg["pipeline"], force)
+        return _pipeline(arg["pipeline"], force, where)
     if kind == "dtype":
-        return getattr(torch, arg["value"])
+        return _dtype(arg["value"])
     if kind == "device":
         return torch.device(arg["value"])
     raise NotReplayableError(f"argument {name!r} cannot be rebuilt: {arg['reason']}", argument=name)
 
 
+def _host_value(name: str, arg: dict[str, Any], inputs: dict[str, Any]) -> Any:
+    """PIL images from their raw-byte snapshots, and numpy/Python generators at their recorded state."""
+    from ..capture import host_rngs, images
+
+    if arg["kind"] == "rng":
+        return host_rngs.rebuild(arg["rng"])
+    items = [arg] if arg["kind"] == "image" else arg["items"]
+    missing = [item["key"] for item in items if item["key"] not in inputs]
+    if missing:
+        raise NotReplayableError(f"argument {name!r} cannot be rebuilt: {arg['reason'] or 'its image was not saved'}",
+                                 argument=name)
+    rebuilt = [images.rebuild(inputs[item["key"]].numpy(), item) for item in items]
+    if arg["kind"] == "image":
+        return rebuilt[0]
+    return tuple(rebuilt) if arg.get("container") == "tuple" else rebuilt
+
+
 def build_arguments(m: dict[str, Any], signature: Any, inputs: dict[str, Any],
-                    force: bool) -> tuple[list, dict]:
+                    force: bool, where: Rebuild | None = None) -> tuple[list, dict]:
     """Positional and keyword arguments, in the function's parameter order (JSON keys are sorted)."""
     recorded = m["arguments"]
+    where = where or Rebuild()
     order = [n for n in signature.parameters if n in recorded]
     order += [n for n in recorded if n not in signature.parameters]  # **kwargs entries
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for name in order:
         arg = recorded[name]
-        value = _value(name, arg, m, inputs, force)
+        value = _value(name, arg, m, inputs, force, where)
         kind = arg["parameter"]
         if kind in ("positional_only", "positional_or_keyword"):
             args.append(value)
@@ -139,20 +214,51 @@ def run(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     from ..recorder import Recorder
     from ..spool import stage
 
+    from ..capture import dispatch
+
+    _quiet_libraries()
     apply_knobs(plan["knobs"])
+    m = plan["manifest"]
+    pin_recorded_revisions(m)  # before the entry module loads: it may load a pipeline at import
     recorder = load_entry(plan)
     replayer = Recorder(recorder.fn, dataclasses.replace(recorder.options, log_outputs=True))
-    m = plan["manifest"]
     inputs = load_arrays(Path(plan["inputs_path"])) if plan["inputs_path"] else {}
-    args, kwargs = build_arguments(m, recorder.signature, inputs, plan["force"])
+    where = Rebuild(project_dir=plan.get("project_dir"))
+    args, kwargs = build_arguments(m, recorder.signature, inputs, plan["force"], where)
     restore_global_rng(m["randomness"]["global"])
-    _, error, recording = replayer.capture(tuple(args), kwargs, kind="replay", replay_of=plan["run_id"])
+    with dispatch.autocast(m["determinism"].get("autocast") or []):
+        _, error, recording = replayer.capture(tuple(args), kwargs, kind="replay", replay_of=plan["run_id"])
     if recording is None:
         raise ReproTrackError("the replayed call could not be captured (see the warning above)")
     if plan["is_script"]:
         recording = _as_script(recording)
     stage(recording, out_dir / "artifacts")
-    return {"status": "ran", "call_error": f"{type(error).__name__}: {error}" if error else None}
+    return {"status": "ran", "call_error": f"{type(error).__name__}: {error}" if error else None,
+            "notes": where.notes}
+
+
+def pin_recorded_revisions(m: dict[str, Any]) -> None:
+    """Loads of a recorded hub repo id that name no revision get the commit the recording used."""
+    from ..capture import pipelines
+
+    identities = [a["pipeline"] for a in m["arguments"].values() if a.get("kind") == "pipeline"]
+    identities += [p["identity"] for p in m.get("pipelines") or []]
+    revisions = {i["repo_id"]: i["revision"] for i in identities if i.get("repo_id") and i.get("revision")}
+    if revisions:
+        importlib.import_module("diffusers.pipelines.pipeline_utils")  # the hook wraps its from_pretrained
+        pipelines.pin(revisions)
+
+
+def _quiet_libraries() -> None:
+    """No deprecation noise or progress bars from the libraries in the replay's output."""
+    import os
+    import warnings
+
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it per bar: diffusers' loading and step bars
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in ("diffusers", "transformers"):
+        os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
 
 
 def _as_script(recording: Any) -> Any:
@@ -169,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = json.loads(plan_path.read_text("utf-8"))
     try:
         result, code = run(plan, out_dir), 0
-    except (EntryPointRefused, NotReplayableError) as exc:
+    except (EntryPointRefused, NotReplayableError, UntrustedManifestError) as exc:
         result, code = {"status": "refused", "error": str(exc), "type": type(exc).__name__}, 2
     except Exception as exc:  # reported to the parent, which prints one line
         traceback.print_exc()

@@ -46,7 +46,7 @@ class ReplayPlan:
         k = self.knobs
         lines = [
             f"entry point: {self.source_path if self.is_script else self.module} : {self.qualname}",
-            f"fresh process: {sys.executable} -m repro_track.replay.child (cwd {self.project_dir})",
+            f"fresh process: {sys.executable} -m repro_track.replay.child (cwd: a scratch folder)",
             f"threads: {k['num_threads']} intra-op, {k['num_interop_threads']} inter-op",
             f"determinism: deterministic_algorithms={k['deterministic_algorithms']}, "
             f"cudnn.deterministic={k['cudnn_deterministic']}, cudnn.benchmark={k['cudnn_benchmark']}, "
@@ -67,8 +67,14 @@ def _arg_words(arg: dict[str, Any], m: dict[str, Any]) -> str:
     if arg["kind"] == "pipeline":
         p = arg["pipeline"]
         return f"{p['class'].rsplit('.', 1)[-1]}.from_pretrained({p['name_or_path']!r}) on {p['device']}"
+    if arg["kind"] == "image":
+        return f"PIL image {arg['mode']} {arg['size'][0]}x{arg['size'][1]}, sha256 {arg['sha256'][:12]}"
+    if arg["kind"] == "images":
+        return f"{len(arg['items'])} PIL images ({', '.join(sorted({i['mode'] for i in arg['items']}))})"
+    if arg["kind"] == "rng":
+        return f"{arg['rng']['type']} at its recorded state"
     if arg["kind"] == "json":
-        text = repr(arg["value"])
+        text = repr(tuple(arg["value"]) if arg.get("container") == "tuple" else arg["value"])
         return text if len(text) < 80 else text[:77] + "..."
     return f"{arg['kind']} {arg.get('dtype', '')} {arg.get('shape', '')}".strip()
 
@@ -131,15 +137,21 @@ def _accelerators(torch: Any, cuda_usable: bool) -> tuple[str, ...]:
 
 
 def child_environment(m: Manifest, here: Here) -> tuple[dict[str, str], list[str], list[str]]:
-    """(variables to set, variables to unset, notes): the recorded allow-listed env, ISA pinned."""
+    """(variables to set, variables to unset, notes): this machine's environment with the recorded
+    bit-deciding variables restored and the ISA pinned. Machine-local variables (which GPUs, which
+    hub, which caches) keep this machine's values whatever was recorded."""
     from ..capture import cpu, envvars
 
     recorded = m.env_vars
     keep = set(recorded["redacted"]) | set(recorded["dropped"])
-    unset = sorted(n for n in os.environ if envvars.is_allowed(n) and n not in recorded["captured"]
+    unset = sorted(n for n in os.environ if envvars.is_bit_deciding(n) and n not in recorded["captured"]
                    and n not in keep)
-    env_set = {k: v for k, v in recorded["captured"].items() if k not in recorded["redacted"]}
-    notes = []
+    env_set = {k: v for k, v in recorded["captured"].items()
+               if envvars.is_bit_deciding(k) and k not in recorded["redacted"]}
+    local = sorted(k for k, v in recorded["captured"].items()
+                   if not envvars.is_bit_deciding(k) and os.environ.get(k) != v)
+    notes = [f"keep this machine's {', '.join(local)} (recorded for information, never imposed)"] \
+        if local else []
     capability = m.cpu.get("torch_capability")
     supported = bool(capability) and cpu.supports_capability(capability, here.cpu.get("isa_flags", []))
     if capability and not supported:
