@@ -22,7 +22,8 @@ def _private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own working dir and spool, and no inherited tracking settings."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REPRO_TRACK_SPOOL_DIR", str(tmp_path / "spool"))
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "REPRO_TRACK_DISABLE"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "REPRO_TRACK_DISABLE",
+                 "REPRO_TRACK_SIGNING_KEY", "REPRO_TRACK_TRUSTED_KEYS", "REPRO_TRACK_REQUIRE_SIGNED"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -323,7 +324,8 @@ class RecordedProject:
 def recording_env(tracking_uri: str, spool: Path, **extra: str) -> dict[str, str]:
     """The environment for a recording subprocess: this store and spool, nothing inherited for MLflow."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "REPRO_TRACK_DISABLE")}
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "REPRO_TRACK_DISABLE",
+                        "REPRO_TRACK_SIGNING_KEY", "REPRO_TRACK_TRUSTED_KEYS", "REPRO_TRACK_REQUIRE_SIGNED")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, REPRO_TRACK_SPOOL_DIR=str(spool), **extra)
     return env
 

@@ -62,8 +62,11 @@ def image_links(run_id: str, paths: list[str], limit: int = 4) -> list[str]:
 
 
 def record_card(m: dict[str, Any], run_id: str, replays: list[str] | None = None,
-                images: list[str] | None = None) -> str:
-    """The card of a recorded run: seed, hardware, determinism, outputs, risks, how to replay."""
+                images: list[str] | None = None, signature: Any = None) -> str:
+    """The card of a recorded run: seed, hardware, determinism, outputs, risks, how to replay.
+
+    ``signature`` is the run's ``signing.SignatureCheck`` as checked where the card is written.
+    """
     sw = m["software"]
     lines = [
         f"### repro-track: `{m['call']['qualname']}` ({m['call']['status'].lower()})",
@@ -76,6 +79,8 @@ def record_card(m: dict[str, Any], run_id: str, replays: list[str] | None = None
         f"- **Determinism:** {_determinism(m)}",
         f"- **Replay:** `repro-track replay {run_id}`",
     ]
+    if signature is not None:
+        lines.append(f"- **Signature:** {_signature_line(signature)}")
     if m["call"]["error"]:
         lines.append(f"- **Error:** `{m['call']['error']['type']}: {m['call']['error']['message'][:200]}`")
     if m["outputs"]:
@@ -87,6 +92,15 @@ def record_card(m: dict[str, Any], run_id: str, replays: list[str] | None = None
     if replays:
         lines += ["", "**Replays of this run**", ""] + [f"- {r}" for r in replays[-20:]]
     return _cap("\n".join(lines))
+
+
+def _signature_line(check: Any) -> str:
+    if not check.signed:
+        return "not signed"
+    text = f"signed by key `{check.key_id}`"
+    if check.verified:
+        return text + ", verified against the trusted keys where this card was written"
+    return text + ", NOT verified where this card was written (`repro-track show` says why)"
 
 
 def replay_card(m: dict[str, Any], run_id: str, original_id: str, report: dict[str, Any],

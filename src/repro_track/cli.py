@@ -47,7 +47,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     report = replay(args.run, tracking_uri=args.tracking_uri, project_dir=args.project_dir,
                     dry_run=args.dry_run, atol=args.atol, rtol=args.rtol, log=not args.no_log,
-                    force=args.force, progress=_progress(args.json))
+                    force=args.force, require_signed=args.require_signed or None,
+                    progress=_progress(args.json))
     if args.json:
         print(json.dumps(report.to_dict(), sort_keys=True))
         return report.exit_code
@@ -95,9 +96,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         m = loaded.manifest.to_dict()
     replays = [r for r in loaded.run_tags.get(tags.REPLAYS, "").split(",") if r]
     if args.json:
-        print(json.dumps({"run_id": loaded.run_id, "manifest": m, "replays": replays}, sort_keys=True))
+        print(json.dumps({"run_id": loaded.run_id, "manifest": m, "replays": replays,
+                          "signature": loaded.signature.to_dict()}, sort_keys=True))
         return 0
     print(_show_text(loaded.run_id, m, replays, loaded.run_tags))
+    print(f"\nsignature\n  {loaded.signature.describe()}")
     return 0
 
 
@@ -311,6 +314,24 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+# ---------------------------------------------------------------- keygen
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from . import settings, signing
+
+    private, public = signing.keygen(Path(args.out) if args.out else signing.default_key_dir())
+    key_id = signing.key_id(signing.load_private_key(private).public_key())
+    print(f"repro-track: wrote the private key {private} (keep it to yourself) and the public key "
+          f"{public} (key id {key_id}); add the public key to the team's trusted keys file or folder",
+          file=sys.stderr)
+    print(f"export {settings.SIGNING_KEY.name}={shlex.quote(str(private.resolve()))}")
+    print(f"export {settings.TRUSTED_KEYS.name}={shlex.quote(str(public.resolve()))}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-log", action="store_true", help="do not log the replay as an MLflow run")
     p.add_argument("--force", action="store_true",
                    help="rerun even when the noise cannot be regenerated here or weights differ")
+    p.add_argument("--require-signed", action="store_true",
+                   help="refuse a run unless a trusted key signed it and every digest matches "
+                   "(default: REPRO_TRACK_REQUIRE_SIGNED)")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("show", help="print a recorded run's manifest for people (or --json)")
@@ -383,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project-dir", help="folder the runs were recorded in (default: current directory)")
     p.add_argument("--no-log", action="store_true", help="log neither the replays nor the audit run")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing recordings",
+                       description="Write a private key (mode 0600) and its public key, and print the "
+                       "two settings to export: recordings are then signed, and runs signed by the "
+                       "trusted keys verify.")
+    p.add_argument("--out", help="folder for the two key files (default: $XDG_CONFIG_HOME/repro-track)")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("sync", help="upload recordings spooled while MLflow was unreachable")
     p.add_argument("--tracking-uri", help="upload here instead of where each recording was going")

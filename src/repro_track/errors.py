@@ -52,3 +52,20 @@ class NotReplayableError(ReproTrackError, RuntimeError):
 
 class StoreError(ReproTrackError, ConnectionError):
     """The MLflow tracking store could not be reached or refused a write."""
+
+
+class SignatureError(ReproTrackError, PermissionError):
+    """A run that must be signed is unsigned, or its signature does not verify with a trusted key."""
+
+    def __init__(self, message: str, *, run_id: str | None = None, key_id: str | None = None):
+        super().__init__(message)
+        self.run_id = run_id
+        self.key_id = key_id
+
+
+class SigningKeyError(ReproTrackError, ValueError):
+    """A signing key or trusted-key file is missing, unreadable or not an Ed25519 key."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path

@@ -157,8 +157,14 @@ def ro_crate(m: dict[str, Any], run_id: str) -> dict[str, Any]:
 
 
 def export(m: dict[str, Any], run_id: str, fmt: str) -> dict[str, Any]:
-    """The manifest in one of FORMATS."""
+    """The manifest in one of FORMATS; in-toto is a signed DSSE envelope around the Statement when
+    ``REPRO_TRACK_SIGNING_KEY`` is set."""
+    from . import settings, signing
+
     builders = {"prov": prov, "ro-crate": ro_crate, "in-toto": in_toto}
     if fmt not in builders:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return builders[fmt](m, run_id)
+    document = builders[fmt](m, run_id)
+    if fmt == "in-toto" and settings.SIGNING_KEY.get() is not None:
+        return signing.dsse_envelope(document)
+    return document

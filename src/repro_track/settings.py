@@ -63,6 +63,18 @@ MAX_INPUT_BYTES = Setting(
     "Largest tensor/array argument saved with a run so it can be replayed.",
 )
 DEBUG = Setting("REPRO_TRACK_DEBUG", _bool, False, "Show full tracebacks from the CLI.")
+SIGNING_KEY = Setting(
+    "REPRO_TRACK_SIGNING_KEY", Path, None,  # type: ignore[arg-type]
+    "PEM file of an Ed25519 private key: every recording is signed with it (`repro-track keygen`).",
+)
+TRUSTED_KEYS = Setting(
+    "REPRO_TRACK_TRUSTED_KEYS", Path, None,  # type: ignore[arg-type]
+    "A file of PEM Ed25519 public keys, or a folder of such files: signatures they verify are trusted.",
+)
+REQUIRE_SIGNED = Setting(
+    "REPRO_TRACK_REQUIRE_SIGNED", _bool, False,
+    "Replay only runs signed by a trusted key (as `repro-track replay --require-signed`).",
+)
 
 
 def spool_dir() -> Path:

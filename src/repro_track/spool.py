@@ -59,6 +59,8 @@ def stage(recording: Any, artifacts: Path, *, images: bool = True) -> None:
         folder.mkdir(exist_ok=True)
         if not outputs.image_files(recording.outputs, folder):
             folder.rmdir()
+    from .signing import sign_staged  # last: the signature covers every file written above
+    sign_staged(artifacts, recording.manifest.digest)
 
 
 def _writable_root() -> Path:

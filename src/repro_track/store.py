@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Callable, TypeVar
 
-from . import settings, spool, tags
+from . import settings, signing, spool, tags
 from .errors import StoreError
 from .runs import LoadedRun, get_run
 
@@ -244,12 +244,15 @@ def _upload(client: Any, entry: spool.SpoolEntry, m: dict[str, Any], experiment_
                  tags.SPOOL_ID: entry.recording_id}
     if meta.get("parent_run_id"):
         run_tags_[tags.MLFLOW_PARENT_RUN_ID] = meta["parent_run_id"]
+    signature = signing.check_tree(entry.artifacts)
+    if signature.signed and signature.key_id:
+        run_tags_[tags.SIGNED_BY] = signature.key_id
     run = _retry(lambda: client.create_run(experiment_id, start_time=_ms(m["call"]["started_at"]),
                                            tags=run_tags_, run_name=meta.get("run_name")))
     run_id = run.info.run_id
     images = sorted(p.relative_to(entry.artifacts).as_posix()
                     for p in (entry.artifacts / tags.IMAGES_DIR).glob("*.png"))
-    card = meta.get("card") or record_card(m, run_id, images=images)
+    card = meta.get("card") or record_card(m, run_id, images=images, signature=signature)
     params = [Param(k, v) for k, v in sorted(run_params(m).items())]
     metrics = _metrics(m, meta.get("metrics", {}), _ms(m["call"]["ended_at"]))
     note = [RunTag(tags.MLFLOW_NOTE, card.replace("{run_id}", run_id))]
@@ -310,5 +313,6 @@ def add_replay_link(client: Any, original: LoadedRun, replay_run_id: str, summar
         images = sorted(f.path for f in client.list_artifacts(original.run_id, tags.IMAGES_DIR))
     except Exception:  # the card is a convenience; a listing failure must not fail the replay
         images = []
-    card = record_card(original.manifest.to_dict(), original.run_id, lines, images=images)
+    card = record_card(original.manifest.to_dict(), original.run_id, lines, images=images,
+                       signature=original.signature)
     client.set_tag(original.run_id, tags.MLFLOW_NOTE, card)

@@ -27,6 +27,7 @@ SCHEMA_VERSION = "repro.schema_version"
 STATUS = "repro.status"
 RISKS = "repro.risks"
 SPOOL_ID = "repro.spool_id"
+SIGNED_BY = "repro.signed_by"  # key id of the recording's signature (claimed; verify to trust)
 
 # Replay tags.
 REPLAY_OF = "repro.replay_of"
@@ -50,10 +51,12 @@ OUTPUTS_FILE = "outputs.safetensors"
 INPUTS_FILE = "inputs.safetensors"
 REQUIREMENTS_FILE = "requirements.txt"
 GIT_DIFF_FILE = "git.diff"
+SIGNATURE_FILE = "signature.json"
 IMAGES_DIR = "images"
 MANIFEST_PATH = f"{ARTIFACT_DIR}/{MANIFEST_FILE}"
 OUTPUTS_PATH = f"{ARTIFACT_DIR}/{OUTPUTS_FILE}"
 INPUTS_PATH = f"{ARTIFACT_DIR}/{INPUTS_FILE}"
+SIGNATURE_PATH = f"{ARTIFACT_DIR}/{SIGNATURE_FILE}"
 
 # Params.
 PARAM_ARG_PREFIX = "arg."
