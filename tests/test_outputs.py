@@ -142,6 +142,118 @@ class TestSaveAndLoad:
 
 
 
+ONE_PASS_CASES = [
+    lambda: torch.randn(3, 5, generator=torch.Generator().manual_seed(0)),
+    lambda: torch.arange(24, dtype=torch.float32).reshape(4, 6).t(),
+    lambda: torch.arange(40, dtype=torch.int64).reshape(5, 8)[:, ::3],
+    lambda: torch.linspace(-1, 1, 9).to(torch.bfloat16),
+    lambda: torch.linspace(-1, 1, 9).to(torch.float16),
+    lambda: torch.tensor([True, False, True]),
+    lambda: torch.tensor(2.5),
+    lambda: torch.zeros(0, 4),
+    lambda: np.asfortranarray(np.arange(12, dtype=np.int32).reshape(3, 4)),
+    lambda: np.arange(30, dtype=np.uint8).reshape(5, 6)[::2, 1:],
+    lambda: np.asarray(3.0),
+    lambda: np.float32(2.5),
+]
+ONE_PASS_IDS = ["float32", "transposed", "strided-int64", "bfloat16", "float16", "bool", "0-d-tensor", "empty",
+                "fortran-int32", "sliced-uint8", "0-d-ndarray", "numpy-scalar"]
+
+
+class TestOnePass:
+    """Saving hashes (and summarises) each array while writing it: same digests, same file as safetensors."""
+
+    @pytest.fixture(params=[False, True], ids=["whole", "tiny-chunks-in-a-thread"])
+    def chunking(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+        if request.param:  # many 3-element chunks, hashed in the worker thread even for tiny arrays
+            monkeypatch.setattr(outputs, "_STAT_CHUNK", 3)
+            monkeypatch.setattr(outputs, "_PARALLEL_BYTES", 0)
+
+    @pytest.mark.parametrize("make", ONE_PASS_CASES, ids=ONE_PASS_IDS)
+    def test_digest_is_sha256_of_the_bytes(self, make: Callable[[], Any], chunking: None, tmp_path: Path) -> None:
+        value = make()
+        digests = outputs.save_arrays([outputs.NamedArray("x", value, "tensor")], tmp_path / "o.safetensors")
+        assert digests == {"x": reference_sha256(value)}
+        loaded = outputs.load_arrays(tmp_path / "o.safetensors")["x"]
+        assert reference_sha256(loaded) == digests["x"]
+        assert list(loaded.shape) == list(np.shape(value))
+
+    @pytest.mark.parametrize("make", ONE_PASS_CASES, ids=ONE_PASS_IDS)
+    def test_described_while_saving_equals_describe(self, make: Callable[[], Any], chunking: None,
+                                                    tmp_path: Path) -> None:
+        item = outputs.NamedArray("x", make(), "tensor")
+        [record] = outputs.save_arrays_described([item], tmp_path / "o.safetensors")
+        assert record == outputs.describe(item, saved=True)
+        assert record["sha256"] == reference_sha256(item.value)
+
+    def test_statistics_do_not_depend_on_chunking(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        item = outputs.NamedArray("x", torch.randn(1000, generator=torch.Generator().manual_seed(1)), "tensor")
+        whole = outputs.describe(item)
+        monkeypatch.setattr(outputs, "_STAT_CHUNK", 7)
+        monkeypatch.setattr(outputs, "_PARALLEL_BYTES", 0)
+        chunked = outputs.describe(item)
+        assert chunked["sha256"] == whole["sha256"]
+        assert (chunked["min"], chunked["max"]) == (whole["min"], whole["max"])
+        assert chunked["abs_sum"] == pytest.approx(whole["abs_sum"], rel=1e-12)
+
+    def test_file_is_what_safetensors_writes(self, tmp_path: Path) -> None:
+        from safetensors.torch import save_file
+
+        dtypes = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.float16, torch.bfloat16, torch.int32,
+                  torch.float32, torch.float64, torch.int64, torch.float8_e4m3fn, torch.float8_e5m2]
+        items = [outputs.NamedArray(f"out.{i}", torch.arange(6).reshape(2, 3).to(dtype), "tensor")
+                 for i, dtype in enumerate(dtypes)]
+        items += [outputs.NamedArray("b", np.asarray(1.5), "number"),
+                  outputs.NamedArray("a", np.arange(6, dtype=np.float32).reshape(2, 3).T, "ndarray"),
+                  outputs.NamedArray("ü", torch.ones(1), "tensor")]
+        outputs.save_arrays(items, tmp_path / "ours.safetensors")
+        save_file({item.name: outputs.as_cpu_tensor(item.value) for item in items},
+                  str(tmp_path / "theirs.safetensors"), metadata={"format": "repro-track"})
+        assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+
+    def test_unsavable_arrays_are_described_not_saved(self, tmp_path: Path) -> None:
+        items = [outputs.NamedArray("c", torch.tensor([1 + 2j]), "tensor"),
+                 outputs.NamedArray("r", np.ones(2), "ndarray"),
+                 outputs.NamedArray("q", np.ones(2, np.longdouble), "ndarray")]
+        records = outputs.save_arrays_described(items, tmp_path / "o.safetensors")
+        assert [(r["name"], r["saved"]) for r in records] == [("c", False), ("r", True), ("q", False)]
+        assert [r["sha256"] for r in records] == [reference_sha256(item.value) for item in items]
+        assert sorted(outputs.load_arrays(tmp_path / "o.safetensors")) == ["r"]
+
+    def test_a_repeated_name_keeps_the_last_array(self, tmp_path: Path) -> None:
+        first, last = torch.zeros(2), torch.ones(3)
+        items = [outputs.NamedArray("x", first, "tensor"), outputs.NamedArray("x", last, "tensor")]
+        records = outputs.save_arrays_described(items, tmp_path / "o.safetensors")
+        assert [(r["saved"], r["sha256"]) for r in records] == [(False, reference_sha256(first)),
+                                                                (True, reference_sha256(last))]
+        assert torch.equal(outputs.load_arrays(tmp_path / "o.safetensors")["x"], last)
+
+    def test_contiguous_arrays_are_written_from_their_own_memory(self, tmp_path: Path) -> None:
+        tensor, array = torch.arange(8.0), np.arange(8.0)
+        assert outputs._contiguous(tensor).data_ptr() == tensor.data_ptr()
+        assert np.shares_memory(outputs._contiguous(array), array)
+
+    def test_a_failed_write_raises_and_stops_the_hashing_thread(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import threading
+
+        monkeypatch.setattr(outputs, "_STAT_CHUNK", 4)
+        monkeypatch.setattr(outputs, "_PARALLEL_BYTES", 0)
+
+        class FullDisk:
+            def __init__(self) -> None:
+                self.writes = 0
+
+            def write(self, chunk: memoryview) -> None:
+                self.writes += 1
+                if self.writes == 3:
+                    raise OSError(28, "No space left on device")
+
+        before = threading.active_count()
+        with pytest.raises(OSError, match="No space left"):
+            outputs._scan(torch.arange(64.0), FullDisk())
+        assert threading.active_count() == before
+
+
 class TestAsCpuTensor:
     """Arrays become CPU tensors for safetensors, shared where torch allows it."""
 

@@ -101,28 +101,19 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _stats(value: Any) -> dict[str, float | None]:
-    """min, max and sum of |x|, a chunk at a time: no full-size temporary, sums in float64."""
-    none = {"min": None, "max": None, "abs_sum": None}
+_NO_STATS: dict[str, float | None] = {"min": None, "max": None, "abs_sum": None}
+
+
+def _contiguous(value: Any) -> Any:
+    """The array as a C-contiguous CPU tensor or ndarray: the same memory unless it has to be copied
+    (off a device, or out of a strided layout such as a transpose)."""
+    import numpy as np
+
     if _is_tensor(value):
-        import torch
-
-        t = value.detach()
-        if t.numel() == 0 or t.dtype == torch.bool or t.is_complex():
-            return none
-        flat = t.reshape(-1)
-        parts = [_tensor_part(flat[i:i + _STAT_CHUNK]) for i in range(0, flat.numel(), _STAT_CHUNK)]
-    else:
-        import numpy as np
-
-        arr = np.asarray(value)
-        if arr.size == 0 or arr.dtype.kind not in "iuf":
-            return none
-        flat = arr.reshape(-1)
-        parts = [(float(c.min()), float(c.max()), float(np.add.reduce(np.abs(c), dtype=np.float64)))
-                 for c in (flat[i:i + _STAT_CHUNK] for i in range(0, flat.size, _STAT_CHUNK))]
-    return {"min": _finite(min(p[0] for p in parts)), "max": _finite(max(p[1] for p in parts)),
-            "abs_sum": _finite(math.fsum(p[2] for p in parts))}
+        tensor = value.detach()
+        return (tensor.cpu() if tensor.device.type != "cpu" else tensor).contiguous()
+    arr = np.asarray(value)
+    return np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray makes 0-d arrays 1-d
 
 
 def _tensor_part(chunk: Any) -> tuple[float, float, float]:
@@ -136,27 +127,98 @@ def _tensor_part(chunk: Any) -> tuple[float, float, float]:
     return float(low), float(high), float(total)
 
 
+def _array_part(chunk: Any) -> tuple[float, float, float]:
+    import numpy as np
+
+    return float(chunk.min()), float(chunk.max()), float(np.add.reduce(np.abs(chunk), dtype=np.float64))
+
+
+def _stat_part(flat: Any) -> Any:
+    """The per-chunk statistics function for this array, or None where min/max/|x| mean nothing."""
+    if _is_tensor(flat):
+        import torch
+
+        if flat.numel() == 0 or flat.dtype == torch.bool or flat.is_complex():
+            return None
+        return _tensor_part
+    return _array_part if flat.size and flat.dtype.kind in "iuf" else None
+
+
+class _Digest:
+    """sha256 fed chunk by chunk; for a large array in a worker thread, so that it overlaps the
+    statistics and the write (hashlib releases the GIL on large buffers), at most two chunks behind
+    so each chunk is still in cache when it is hashed."""
+
+    def __init__(self, nbytes: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._sha = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1) if nbytes > _PARALLEL_BYTES else None
+        self._pending: list[Any] = []
+
+    def update(self, chunk: memoryview) -> None:
+        if self._pool is None:
+            self._sha.update(chunk)
+            return
+        self._pending.append(self._pool.submit(self._sha.update, chunk))  # one worker: in order
+        if len(self._pending) > 2:
+            self._pending.pop(0).result()
+
+    def hexdigest(self) -> str:
+        """The digest once every chunk is in (the worker is shut down either way)."""
+        if self._pool is not None:
+            try:
+                for future in self._pending:
+                    future.result()
+            finally:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+        return self._sha.hexdigest()
+
+
+def _scan(value: Any, sink: Any = None, *, with_stats: bool = True) -> tuple[str, dict[str, float | None]]:
+    """One pass over an array's bytes, a chunk at a time: its sha256, its min, max and sum of |x|
+    (floats summed in float64) and, given an open file, the write. Each chunk is read from memory
+    once for all three; nothing is copied whole unless the array is not contiguous to begin with."""
+    array = _contiguous(value)
+    flat = array.reshape(-1)
+    raw = to_numpy_view(array).reshape(-1).view("uint8")
+    count = flat.numel() if _is_tensor(flat) else flat.size
+    width = raw.size // count if count else 0  # bytes per element
+    part = _stat_part(flat) if with_stats else None
+    digest, parts = _Digest(raw.size), []
+    try:
+        for start in range(0, count, _STAT_CHUNK):
+            chunk = memoryview(raw[start * width:(start + _STAT_CHUNK) * width])
+            digest.update(chunk)
+            if part is not None:
+                parts.append(part(flat[start:start + _STAT_CHUNK]))
+            if sink is not None:
+                sink.write(chunk)
+    finally:
+        sha = digest.hexdigest()
+    if not parts:
+        return sha, dict(_NO_STATS)
+    return sha, {"min": _finite(min(p[0] for p in parts)), "max": _finite(max(p[1] for p in parts)),
+                 "abs_sum": _finite(math.fsum(p[2] for p in parts))}
+
+
 def dtype_name(value: Any) -> str:
     """'float32', 'uint8', 'bfloat16'... the same spelling for torch and numpy."""
     return str(value.dtype).removeprefix("torch.")
 
 
-def describe(item: NamedArray, saved: bool = True) -> dict[str, Any]:
-    """The manifest record of one output: identity, digest and the doc-style fingerprints."""
+def describe(item: NamedArray, saved: bool = True,
+             fingerprint: tuple[str, dict[str, float | None]] | None = None) -> dict[str, Any]:
+    """The manifest record of one output: identity, digest and the doc-style fingerprints.
+
+    ``fingerprint`` is what :func:`save_arrays_described` already computed while writing the array
+    (its sha256 and statistics); without it the array's bytes are read once here, in one pass.
+    """
     value = item.value
     if _is_tensor(value) and value.device.type != "cpu":
         value = value.detach().cpu()  # one copy off the device, shared by the digest and the stats
-    nbytes = int(to_numpy_view(value).nbytes)
-    if nbytes > _PARALLEL_BYTES:
-        # hashlib and torch/numpy release the GIL on large buffers: digest and stats overlap.
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            digest = pool.submit(sha256_of, value)
-            stats = _stats(value)
-            sha = digest.result()
-    else:
-        sha, stats = sha256_of(value), _stats(value)
+    _, nbytes = _layout(value)
+    sha, stats = fingerprint or _scan(value, with_stats=not getattr(item, "file", None))
     return {
         "name": item.name,
         "source": item.source,
@@ -185,21 +247,75 @@ def as_cpu_tensor(value: Any) -> Any:
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
-def savable(value: Any) -> bool:
-    """Whether safetensors can store this dtype."""
+# safetensors' dtype codes, widest first: the order in which safetensors lays arrays out in a file.
+_SAFETENSORS_DTYPES = {
+    "uint64": "U64", "int64": "I64", "float64": "F64", "float32": "F32", "uint32": "U32", "int32": "I32",
+    "bfloat16": "BF16", "float16": "F16", "uint16": "U16", "int16": "I16", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+_LAYOUT_RANK = {name: rank for rank, name in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def _layout(value: Any) -> tuple[str, int]:
+    """(dtype name, byte count) of an array, read from its metadata without touching its bytes."""
     import numpy as np
 
     if _is_tensor(value):
-        return not value.is_complex()
-    return np.asarray(value).dtype.kind in "biuf"
+        return dtype_name(value), value.numel() * value.element_size()
+    arr = np.asarray(value)
+    return dtype_name(arr), int(arr.nbytes)
 
 
-def save_arrays(items: list[NamedArray], path: Path) -> None:
-    """Write the arrays to a safetensors file (an empty file still gets written, for uniformity)."""
-    from safetensors.torch import save_file
+def savable(value: Any) -> bool:
+    """Whether safetensors can store this dtype."""
+    return _layout(value)[0] in _SAFETENSORS_DTYPES
 
-    tensors = {item.name: as_cpu_tensor(item.value) for item in items if savable(item.value)}
-    save_file(tensors, str(path), metadata={"format": "repro-track"})
+
+def _write(items: list[NamedArray], path: Path, *, with_stats: bool) -> dict[str, Any]:
+    """Write the savable arrays as a safetensors file, each in one pass; their fingerprints by name.
+
+    The file is byte for byte what ``safetensors.torch.save_file`` writes (an 8-byte header length,
+    a compact JSON header padded to 8 bytes, then the arrays widest dtype first, by name), written
+    here so that each chunk is hashed (and summarised) while it is written.
+    """
+    import json
+    import struct
+
+    chosen = {item.name: item for item in items if savable(item.value)}  # a repeated name: the last wins
+    order = sorted(chosen.values(), key=lambda item: (_LAYOUT_RANK[_layout(item.value)[0]], item.name))
+    header: dict[str, Any] = {"__metadata__": {"format": "repro-track"}}
+    offset = 0
+    for item in order:
+        dtype, nbytes = _layout(item.value)
+        header[item.name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [int(n) for n in item.value.shape],
+                             "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as sink:
+        sink.write(struct.pack("<Q", len(text)) + text)
+        return {item.name: _scan(item.value, sink, with_stats=with_stats and not getattr(item, "file", None))
+                for item in order}
+
+
+def save_arrays(items: list[NamedArray], path: Path) -> dict[str, str]:
+    """Write the arrays to a safetensors file; the sha256 of each array written, by name.
+
+    One read of each array's bytes: every chunk is hashed in a worker thread while it is written,
+    so the digest costs no second pass, and nothing is copied whole (an empty file still gets
+    written, for uniformity).
+    """
+    return {name: sha for name, (sha, _) in _write(items, path, with_stats=False).items()}
+
+
+def save_arrays_described(items: list[NamedArray], path: Path) -> list[dict[str, Any]]:
+    """:func:`save_arrays` and :func:`describe` in one pass: each array's chunks are hashed, summarised
+    and written while in cache. The records of arrays that cannot be saved say ``saved: false``."""
+    written = _write(items, path, with_stats=True)
+    last = {item.name: item for item in items}
+    return [describe(item, saved=item.name in written and last[item.name] is item,
+                     fingerprint=written.get(item.name) if last[item.name] is item else None)
+            for item in items]
 
 
 def load_arrays(path: Path) -> dict[str, Any]:
