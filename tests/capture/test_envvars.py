@@ -163,6 +163,9 @@ def secrets_(draw: st.DrawFn) -> str:
         return f"-----BEGIN PRIVATE KEY-----\n{base64.b64encode(raw).decode()}\n-----END PRIVATE KEY-----"
     if kind == "hex":
         token = raw.hex()
+        # Hex of 32, 40 or 64 characters is a run id, commit or sha256 digest: an identifier, which
+        # only a credential keyword next to it (api_key = "...") makes a secret.
+        assume(len(token) not in (32, 40, 64))
     elif kind == "base64":
         token = base64.b64encode(raw).decode()
     else:

@@ -231,13 +231,18 @@ def _diff_facts(raw: bytes) -> tuple[str, dict[str, Any]]:
 
 
 def _scrub(diff: str) -> str:
-    """Blank out diff lines that look like they hold a credential (the digest covers the real diff)."""
-    from .envvars import looks_like_secret_value
+    """Blank out diff lines that look like they hold a credential (the digest covers the real diff).
+
+    Every line is checked, headers and hunk lines included: a file name or a hunk's function context
+    can carry a token as well as a changed line can.
+    """
+    from .. import scrub
 
     lines = diff.split("\n")
     for i, line in enumerate(lines):
-        if line[:1] in "+- " and not line.startswith(("+++", "---")) and looks_like_secret_value(line[1:]):
-            lines[i] = line[:1] + "<redacted: this line looks like it holds a credential>"
+        if scrub.holds_secret(line):
+            keep = line[:1] if line[:1] in "+- " and not line.startswith(("+++", "---")) else ""
+            lines[i] = keep + "<redacted: this line looks like it holds a credential>"
     return "\n".join(lines)
 
 
@@ -254,7 +259,10 @@ def _remote_url(repo: Any) -> str | None:
     if _is_local_path(url):
         # A path on this machine identifies the machine, not the code.
         return None
-    return strip_credentials(url)
+    from .. import scrub
+
+    # User info and query go first; a token elsewhere in the URL (a path segment) is blanked.
+    return scrub.blank(strip_credentials(url))
 
 
 def _is_local_path(url: str) -> bool:
