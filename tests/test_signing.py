@@ -429,6 +429,24 @@ class TestKeygen:
         assert (tmp_path / signing.PRIVATE_KEY_FILE).read_bytes() == before
 
 
+class TestMalformedSignature:
+    """A crafted signature.json is reported as a problem with one line, never raised or trusted."""
+
+    @pytest.mark.parametrize("document", [
+        b"[]", b"{", b"[" * 100_000, b'{"format": "repro-track-signature/v1"}',
+        json.dumps({"format": "repro-track-signature/v1", "algorithm": "ed25519", "key_id": "ab\nerror: x",
+                    "public_key": "", "manifest_digest": "", "artifacts": {}, "signature": ""}).encode(),
+        json.dumps({"format": "repro-track-signature/v1", "algorithm": "ed25519", "key_id": "0" * 16,
+                    "public_key": "", "manifest_digest": float("nan"), "artifacts": {},
+                    "signature": "AAAA"}).encode(),
+    ], ids=["list", "truncated", "deep", "fields-missing", "newline-key-id", "nan"])
+    def test_problem_not_exception(self, keys: Keys, document: bytes):
+        trusted = {"0" * 16: signing.load_private_key(keys.team_private).public_key()}
+        check = signing.verify(document, {}, trusted)
+        assert check.signed and not check.verified
+        assert "\n" not in check.describe()
+
+
 class TestKeyFiles:
     """Key files are read strictly, with errors that say what to fix."""
 

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
@@ -33,6 +34,7 @@ PRIVATE_KEY_FILE = "repro-track-signing-key.pem"
 PUBLIC_KEY_FILE = "repro-track-signing-key.pub.pem"
 _MAX_ARTIFACTS = 10_000  # a run with more files than this is not one repro-track wrote
 _MAX_SIGNATURE_BYTES = 16 * 1024 * 1024
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,6 @@ def load_trusted_keys(path: Path | None = None) -> dict[str, Any]:
 
 
 def _public_keys(file: Path) -> Iterator[Any]:
-    import re
-
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -252,11 +252,15 @@ def verify(document: bytes, files: dict[str, Path], trusted: dict[str, Any]) -> 
         body = {k: doc[k] for k in ("format", "algorithm", "key_id", "public_key", "manifest_digest",
                                     "artifacts")}
         signature = base64.b64decode(doc["signature"], validate=True)
-        claimed = str(body["key_id"])[:64]
-        if body["format"] != FORMAT or body["algorithm"] != ALGORITHM or not isinstance(body["artifacts"],
-                                                                                          dict):
-            raise ValueError(f"unknown format {body['format']!r} or algorithm {body['algorithm']!r}")
-    except (ValueError, KeyError, TypeError) as exc:
+        claimed = body["key_id"]
+        if body["format"] != FORMAT or body["algorithm"] != ALGORITHM:
+            raise ValueError(f"unknown format {str(body['format'])[:40]!r} or algorithm "
+                             f"{str(body['algorithm'])[:40]!r}")
+        if not isinstance(claimed, str) or not _KEY_ID.fullmatch(claimed):
+            raise ValueError("the key id is not 16 hex digits")
+        if not isinstance(body["artifacts"], dict):
+            raise ValueError("artifacts is not an object")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         return SignatureCheck(True, None, False, f"{tags.SIGNATURE_PATH} is malformed ({exc})")
     if not trusted:
         return SignatureCheck(True, claimed, False, f"no trusted keys are configured here (set "
@@ -347,7 +351,8 @@ def _listing(client: Any, run_id: str) -> list[str]:
 
 def _fetch(client: Any, run_id: str, rel: str, dest: Path) -> Path | None:
     parts = PurePosixPath(rel).parts
-    if not parts or rel.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in rel:
+    if (not parts or rel.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in rel
+            or any(ord(c) < 32 for c in rel)):
         return None
     local = dest.joinpath(*parts)
     if not local.exists():
