@@ -457,3 +457,32 @@ class TestDescribeHere:
         used = section["devices"][section["cuda_order"][0]]
         assert used["sm_count"] == props[0]["sm_count"]
         assert not torch.cuda.is_initialized()  # the probe ran in a child
+
+
+class TestDoctorLines:
+    """doctor prints the exact lines that make CPU recordings portable, and accepts them once set."""
+
+    LINES = ("export ONEDNN_MAX_CPU_ISA=AVX2", "export MKL_CBWR=COMPATIBLE", "export ATEN_CPU_CAPABILITY=avx2")
+
+    def test_unset_prints_the_lines(self, monkeypatch):
+        from repro_track.doctor import checks, fix_lines
+
+        for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "ATEN_CPU_CAPABILITY"):
+            monkeypatch.delenv(name, raising=False)
+        lines = fix_lines(checks())
+        x86 = capture.static_facts()[1]["architecture"] in ("x86_64", "AMD64")
+        for expected in self.LINES[:2] + (self.LINES[2:] if x86 else ()):
+            assert any(line.startswith(expected) for line in lines), (expected, lines)
+
+    def test_set_lines_are_accepted_and_make_the_recording_portable(self, monkeypatch, base):
+        from repro_track.doctor import checks
+
+        env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"}
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        found = {c.name: c for c in checks()}
+        assert all(found[n].ok for n in ("oneDNN ISA cap", "MKL code branch", "ATen CPU kernels cap"))
+        m, here = base
+        recorded_env(m, **env)
+        here = here_cpu(here, **SAPPHIRE_RAPIDS)
+        assert not {"onednn_isa", "mkl_code_path"} & set(reasons(m, here))
