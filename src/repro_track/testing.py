@@ -32,7 +32,10 @@ if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
 __all__ = [
+    "build_tiny_controlnet",
     "build_tiny_ddim",
+    "build_tiny_pixart",
+    "build_tiny_sdxl",
     "build_tiny_text2image",
     "default_model_dir",
     "load_pipeline",
@@ -204,6 +207,129 @@ def build_tiny_text2image(path: str | os.PathLike[str], seed: int = 0) -> Path:
         pipe.save_pretrained(folder, safe_serialization=True)
 
     return _build_once(Path(path), "StableDiffusionPipeline", build)
+
+
+def _tiny_sd_parts(seed: int, *, cross_attention_dim: int = 32, **unet_extra: object) -> dict:
+    """The UNet, VAE and CLIP text encoder + tokenizer of the tiny Stable Diffusion pipelines."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = _tiny_clip_tokenizer()
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            norm_num_groups=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
+            attention_head_dim=2, **unet_extra,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+            layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+        )
+        text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+
+
+def _tiny_clip_config(tokenizer: CLIPTokenizer) -> object:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=_MAX_PROMPT_TOKENS, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _sd_scheduler() -> object:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def build_tiny_sdxl(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build and save a tiny ``StableDiffusionXLPipeline`` (two CLIP text encoders, 32x32 images)."""
+
+    def build(folder: Path) -> None:
+        from diffusers import StableDiffusionXLPipeline
+        from transformers import CLIPTextModelWithProjection
+
+        # Time ids: 6 values embedded in 8 channels each, plus the 32-channel pooled text embedding.
+        parts = _tiny_sd_parts(seed, cross_attention_dim=64, use_linear_projection=True,
+                               addition_embed_type="text_time", addition_time_embed_dim=8,
+                               projection_class_embeddings_input_dim=6 * 8 + 32)
+        with _seeded(seed + 1):
+            text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(parts["tokenizer"]))
+        pipe = StableDiffusionXLPipeline(
+            **parts, text_encoder_2=text_encoder_2, tokenizer_2=_tiny_clip_tokenizer(),
+            scheduler=_sd_scheduler(), force_zeros_for_empty_prompt=True)
+        pipe.save_pretrained(folder, safe_serialization=True)
+
+    return _build_once(Path(path), "StableDiffusionXLPipeline", build)
+
+
+def build_tiny_controlnet(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build and save a tiny ``StableDiffusionControlNetPipeline`` (a 32x32 RGB control image)."""
+
+    def build(folder: Path) -> None:
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        parts = _tiny_sd_parts(seed)
+        with _seeded(seed + 1):
+            controlnet = ControlNetModel(
+                in_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
+                attention_head_dim=2, conditioning_embedding_out_channels=(8, 16),
+            )
+        pipe = StableDiffusionControlNetPipeline(
+            **parts, controlnet=controlnet, scheduler=_sd_scheduler(), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(folder, safe_serialization=True)
+
+    return _build_once(Path(path), "StableDiffusionControlNetPipeline", build)
+
+
+def build_tiny_pixart(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build and save a tiny ``PixArtAlphaPipeline``: a transformer denoiser and a T5 text encoder
+    whose Unigram tokenizer is built from a small vocabulary here (no download)."""
+
+    def build(folder: Path) -> None:
+        from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+        from transformers import T5Config, T5EncoderModel
+
+        tokenizer = _tiny_t5_tokenizer()
+        with _seeded(seed):
+            transformer = PixArtTransformer2DModel(
+                sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+                caption_channels=32, in_channels=4, cross_attention_dim=16, out_channels=8,
+                norm_num_groups=4,
+            )
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+            )
+            text_encoder = T5EncoderModel(T5Config(
+                vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+                relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
+        pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                   transformer=transformer, scheduler=DDIMScheduler())
+        pipe.save_pretrained(folder, safe_serialization=True)
+
+    return _build_once(Path(path), "PixArtAlphaPipeline", build)
+
+
+def _tiny_t5_tokenizer() -> object:
+    """A T5 tokenizer over a small Unigram vocabulary: specials, bytes-as-letters and a few words."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(f"\u2581{w}", -2.0) for w in _MERGE_WORDS]
+    pieces += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)] + [("\u2581", -3.0)]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=_MAX_PROMPT_TOKENS)
 
 
 def _tiny_clip_tokenizer() -> CLIPTokenizer:

@@ -124,10 +124,7 @@ def _component_record(component: Any) -> dict[str, Any]:
         record["weights_sha256"] = weights_sha256(component)
         record.update(pipelines.placement(component))
     name = getattr(component, "name_or_path", None)
-    record["name_or_path"] = scrub.blank(str(name)) if name else None
-    # A config may carry what a user put there (an endpoint with a password, a key): blanked in place,
-    # so the identity keeps every other value.
-    record["config"] = scrub.blank_json(record["config"])
+    record["name_or_path"] = str(name) if name else None
     return record
 
 
@@ -139,15 +136,18 @@ def pipeline_identity(pipe: Any) -> dict[str, Any]:
     overall = hashlib.sha256()
     for name, comp in components.items():
         overall.update(f"{name}={comp['weights_sha256']};".encode())
-    return {
+    # Configs, paths and load arguments may carry what a user put there (an endpoint with a password, a
+    # key): blanked in place, so the identity keeps every other value (digests and commits included).
+    return scrub.blank_json({
         "class": _type_name(pipe),
-        "name_or_path": scrub.blank(str(pipe.name_or_path)) if getattr(pipe, "name_or_path", None) else None,
+        "name_or_path": str(pipe.name_or_path) if getattr(pipe, "name_or_path", None) else None,
         **pipelines.origin(pipe, Path.cwd()),
+        **pipelines.adapters(pipe),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "components": components,
         "weights_sha256": overall.hexdigest(),
-    }
+    })
 
 
 # ---------------------------------------------------------------- one argument

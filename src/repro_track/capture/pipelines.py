@@ -86,6 +86,7 @@ def install() -> None:
     module = sys.modules.get("diffusers.pipelines.pipeline_utils")
     if module is None:
         return
+    install_adapter_hooks()
     cls = module.DiffusionPipeline
     current = cls.__dict__.get("from_pretrained")
     if current is None or getattr(current.__func__, "__repro_track_hook__", False):
@@ -103,6 +104,7 @@ def install() -> None:
                 "torch_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None}
         with contextlib.suppress(AttributeError, TypeError):
             object.__setattr__(pipe, LOAD_ATTR, info)
+        install_adapter_hooks()  # the pipeline class, and so its LoRA loaders, are imported now
         loaded = _loaded.get()
         if loaded is not None:
             loaded.append(pipe)
@@ -146,3 +148,90 @@ def is_pipeline(value: Any) -> bool:
     """Whether ``value`` is a diffusers pipeline (by class name, without importing diffusers)."""
     return any(f"{c.__module__}.{c.__qualname__}" == "diffusers.pipelines.pipeline_utils.DiffusionPipeline"
                for c in type(value).__mro__)
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+ADAPTERS_ATTR = "_repro_track_adapters"
+ADAPTER_WEIGHTS_ATTR = "_repro_track_adapter_weights"
+FUSED_ATTR = "_repro_track_fused"
+
+
+def install_adapter_hooks() -> None:
+    """Note where each LoRA adapter was loaded from, its set weights and fusing, on the pipeline itself
+    (PEFT keeps the weights but not their source). Installed once diffusers' LoRA loaders are imported."""
+    loaders = sys.modules.get("diffusers.loaders.lora_pipeline")
+    base = sys.modules.get("diffusers.loaders.lora_base")
+    if loaders is None or base is None:
+        return
+    for cls in list(vars(loaders).values()):
+        if isinstance(cls, type) and "load_lora_weights" in cls.__dict__:
+            _wrap(cls, "load_lora_weights", _note_load)
+    _wrap(base.LoraBaseMixin, "set_adapters", _note_weights)
+    _wrap(base.LoraBaseMixin, "fuse_lora", _note_fuse)
+
+
+def _wrap(cls: type, name: str, note: Any) -> None:
+    original = cls.__dict__.get(name)
+    if original is None or getattr(original, "__repro_track_hook__", False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        before = _adapter_names(self)
+        result = original(self, *args, **kwargs)
+        with contextlib.suppress(Exception):  # noting must never break the user's call
+            note(self, before, args, kwargs)
+        return result
+
+    wrapper.__repro_track_hook__ = True  # type: ignore[attr-defined]
+    setattr(cls, name, wrapper)
+
+
+def _adapter_names(pipe: Any) -> set[str]:
+    try:
+        listed = pipe.get_list_adapters()
+    except Exception:  # no PEFT installed, or no adapter-capable component
+        return set()
+    return {name for names in listed.values() for name in names}
+
+
+def _note_load(pipe: Any, before: set[str], args: tuple, kwargs: dict) -> None:
+    source = args[0] if args else kwargs.get("pretrained_model_name_or_path_or_dict")
+    notes = dict(getattr(pipe, ADAPTERS_ATTR, None) or {})
+    for name in sorted(_adapter_names(pipe) - before):
+        notes[name] = {"source": str(source) if isinstance(source, (str, Path)) else None,
+                       "weight_name": kwargs.get("weight_name"), "subfolder": kwargs.get("subfolder")}
+    object.__setattr__(pipe, ADAPTERS_ATTR, notes)
+
+
+def _note_weights(pipe: Any, before: set[str], args: tuple, kwargs: dict) -> None:
+    names = args[0] if args else kwargs.get("adapter_names")
+    weights = args[1] if len(args) > 1 else kwargs.get("adapter_weights")
+    names = [names] if isinstance(names, str) else list(names or [])
+    plain = weights if isinstance(weights, (int, float, list, dict, type(None))) else None
+    object.__setattr__(pipe, ADAPTER_WEIGHTS_ATTR, {"names": names, "weights": plain})
+
+
+def _note_fuse(pipe: Any, before: set[str], args: tuple, kwargs: dict) -> None:
+    object.__setattr__(pipe, FUSED_ATTR, {"lora_scale": float(kwargs.get("lora_scale", 1.0)),
+                                          "components": kwargs.get("components"),
+                                          "adapter_names": kwargs.get("adapter_names")})
+
+
+def adapters(pipe: Any) -> dict[str, Any]:
+    """The pipeline's LoRA adapters as recorded: name, source, active, the weights set, fusing."""
+    names = _adapter_names(pipe)
+    if not names:
+        return {}
+    try:
+        active = set(pipe.get_active_adapters())
+    except Exception:
+        active = set()
+    notes = getattr(pipe, ADAPTERS_ATTR, None) or {}
+    listed = pipe.get_list_adapters()
+    found = [{"name": name, "components": sorted(c for c, ns in listed.items() if name in ns),
+              "active": name in active, **notes.get(name, {"source": None, "weight_name": None, "subfolder": None})}
+             for name in sorted(names)]
+    return {"adapters": found, "adapter_weights": getattr(pipe, ADAPTER_WEIGHTS_ATTR, None),
+            "fused": getattr(pipe, FUSED_ATTR, None)}

@@ -67,6 +67,7 @@ def _pipeline(identity: dict[str, Any], force: bool, where: "Rebuild") -> Any:
                                  f"{identity['name_or_path']!r} (a replay never enables remote or custom "
                                  f"code): {reason}") from None
     _restore_scheduler(pipe, identity)
+    _restore_adapters(pipe, identity, where)
     pipe = pipe.to(identity["device"])
     _restore_component_dtypes(pipe, identity)
     rebuilt = pipeline_identity(pipe)
@@ -104,6 +105,28 @@ def load_location(identity: dict[str, Any], project_dir: str | None) -> str | No
         if candidate.is_relative_to(root) and candidate.is_dir():  # never outside the project
             return str(candidate)
     return name
+
+
+def _restore_adapters(pipe: Any, identity: dict[str, Any], where: Rebuild) -> None:
+    """Load the recorded LoRA adapters again (safetensors only), set their weights, fuse as recorded."""
+    for adapter in identity.get("adapters") or []:
+        source = adapter["source"]
+        if not source:
+            raise NotReplayableError(
+                f"LoRA adapter {adapter['name']!r} was loaded from an in-memory state dict, so it cannot be "
+                "loaded again; load it from a file or hub repo when recording", argument=adapter["name"])
+        options = {k: adapter[k] for k in ("weight_name", "subfolder") if adapter.get(k)}
+        try:
+            pipe.load_lora_weights(source, adapter_name=adapter["name"], use_safetensors=True, **options)
+        except (OSError, ValueError, KeyError) as exc:
+            raise NotReplayableError(f"LoRA adapter {adapter['name']!r} could not be loaded from {source!r}: "
+                                     f"{' '.join(str(exc).split())[:300]}", argument=adapter["name"]) from None
+    weights = identity.get("adapter_weights")
+    if weights and weights.get("names"):
+        pipe.set_adapters(weights["names"], weights.get("weights"))
+    fused = identity.get("fused")
+    if fused:
+        pipe.fuse_lora(**{k: v for k, v in fused.items() if v is not None})
 
 
 def _restore_component_dtypes(pipe: Any, identity: dict[str, Any]) -> None:
@@ -233,7 +256,10 @@ def run(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     if plan["is_script"]:
         recording = _as_script(recording)
     stage(recording, out_dir / "artifacts")
-    return {"status": "ran", "call_error": f"{type(error).__name__}: {error}" if error else None,
+    from ..scrub import blank
+
+    # The reason line reaches the replay's report and card in the store: blanked like the manifest's error.
+    return {"status": "ran", "call_error": blank(f"{type(error).__name__}: {error}"[:10000]) if error else None,
             "notes": where.notes}
 
 

@@ -87,7 +87,7 @@ def unavailable(m: dict[str, Any], project_dir: Path) -> list[str]:
                          + (f" (nor {identity['project_folder']!r} in the project)"
                             if identity.get("project_folder") else "")
                          + "; copy it there or replay where it exists")
-    return lines
+    return lines + unavailable_adapters(m)
 
 
 def _cached(repo_id: str, revision: str | None) -> bool:
@@ -108,3 +108,18 @@ def _hub_cache() -> str:
     home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
     return os.path.join(home, "hub")
+
+
+def unavailable_adapters(m: dict[str, Any]) -> list[str]:
+    """LoRA adapters whose source is not here: an in-memory state dict, or a folder that is gone."""
+    lines = []
+    for label, identity in _pipelines(m).items():
+        for adapter in identity.get("adapters") or []:
+            source = adapter.get("source")
+            if not source:
+                lines.append(f"{label}: LoRA adapter {adapter['name']!r} was loaded from an in-memory state "
+                             "dict and cannot be loaded again")
+            elif Path(source).is_absolute() and not Path(source).exists():
+                lines.append(f"{label}: LoRA adapter {adapter['name']!r} came from {source!r}, which does not "
+                             "exist here")
+    return lines
