@@ -328,10 +328,13 @@ class TestObservedLevel:
         ([EXACT, CLOSE], ("FINISHED", "FINISHED"), "close"),
         ([CLOSE, FAR], ("FINISHED", "FINISHED"), "different"),
         ([EXACT], ("FINISHED", "FAILED"), "different"),
-        ([], ("FAILED", "FAILED"), "exact"),
+        ([], ("FAILED", "FAILED"), "exact"),  # the same exception: compared by type and message
+        ([], ("FINISHED", "FINISHED"), "unverified"),  # nothing was compared
     ])
     def test_level(self, results, statuses, level):
-        assert observed_level({str(i): r for i, r in enumerate(results)}, *statuses) == level
+        error = {"type": "builtins.ValueError", "message": "bad"}
+        calls = [{"status": s, "error": error if s == "FAILED" else None} for s in statuses]
+        assert observed_level({str(i): r for i, r in enumerate(results)}, *calls)[0] == level
 
 
 class TestReplayReport:
@@ -343,6 +346,7 @@ class TestReplayReport:
         ("close", "close", False, True, 0),
         ("exact", "close", False, False, 1),
         ("close", "different", False, False, 1),
+        ("exact", "unverified", False, False, 1),
         ("none", None, False, False, 3),
         ("none", None, True, True, 0),
     ])

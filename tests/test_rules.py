@@ -15,6 +15,7 @@ import torch
 
 import repro_track
 from repro_track.recorder import recorder_of
+from repro_track.replay.code import CURRENT, RECORDED, CodePlan
 from repro_track.rules import RULES, Here, predict
 
 RULES_BY_NAME = {rule.name: rule for rule in RULES}
@@ -167,6 +168,23 @@ CASES = [
                  id="cudnn-benchmark"),
     pytest.param("source_changed", "close", here_with(source_sha256="0" * 64),
                  "the function draw changed since it was recorded", id="source-changed"),
+    pytest.param("code_changed", "close",
+                 here_with(code=CodePlan(CURRENT, ("helpers.py changed",), why="--current-code runs today's "
+                                         "code").facts()),
+                 "code changed since recording (helpers.py changed); --current-code", id="code-changed"),
+    pytest.param("recorded_diff_not_applied", "close",
+                 here_with(code=CodePlan(RECORDED, ("x.py changed",), "ab" * 20, diff_sha256="cd" * 32,
+                                         diff_problem="it does not apply").facts()),
+                 "uncommitted changes (diff sha256 cdcdcdcdcdcd) that the replay does not apply: it does "
+                 "not apply", id="recorded-diff-not-applied"),
+    pytest.param("untracked_file_changed", "close",
+                 here_with(code=CodePlan(RECORDED, ("untracked cfg.py changed",), "ab" * 20,
+                                         untracked_changed=("cfg.py",)).facts()),
+                 "untracked source files changed since recording (cfg.py)", id="untracked-file-changed"),
+    pytest.param("recorded_code_rebuilt", "info",
+                 here_with(code=CodePlan(RECORDED, ("x.py changed",), "ab" * 20).facts()),
+                 "(x.py changed); the replay runs the recorded commit abababababab in a temporary git worktree",
+                 id="recorded-code-rebuilt"),
     pytest.param("cpu_capability_pinned", "info", kernels("AVX2", "AVX512", AVX512_FLAGS),
                  "CPU kernels: AVX2 recorded, AVX512 here; the replay pins AVX2", id="cpu-kernels-pinned"),
     pytest.param("threads", "info", manifest(put(("determinism", "num_threads"), 97)),

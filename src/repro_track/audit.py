@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ReproTrackError, RunNotFoundError
+from .outcomes import NOT_RERUN, OBSERVED
 
-OUTCOMES = ("exact", "close", "different", "not-rerun", "error")
+# The replay's observed outcomes, then a replay stopped at its prediction, then one that failed.
+OUTCOMES = (*OBSERVED, NOT_RERUN, "error")
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def _replay_one(run_id: str, options: dict[str, Any]) -> AuditItem:
         report = replay(run_id, **options)
     except ReproTrackError as exc:
         return AuditItem(run_id, None, "error", False, error=str(exc))
-    observed = report.observed or "not-rerun"
+    observed = report.observed or NOT_RERUN
     return AuditItem(run_id, report.expected, observed, report.ok, report.replay_run_id)
 
 

@@ -49,8 +49,14 @@ def _determinism(m: dict[str, Any]) -> str:
 
 
 def _outputs(m: dict[str, Any]) -> list[str]:
-    return [f"| `{o['name']}` | {o['dtype']} {o['shape']} | `{o['sha256'][:16]}` | {o['abs_sum']} |"
+    return [f"| `{o['name']}` | {_kind(o)} | `{o['sha256'][:16]}` | {o['abs_sum']} |"
             for o in m["outputs"][:20]]
+
+
+def _kind(o: dict[str, Any]) -> str:
+    if o.get("file"):  # a returned file path, recorded by its content
+        return f"{o['file']['format']} file `{o['file']['path'][-80:]}`, {o['nbytes']} bytes"
+    return f"{o['dtype']} {o['shape']}"
 
 
 def image_links(run_id: str, paths: list[str], limit: int = 4) -> list[str]:

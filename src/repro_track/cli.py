@@ -47,8 +47,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     report = replay(args.run, tracking_uri=args.tracking_uri, project_dir=args.project_dir,
                     dry_run=args.dry_run, atol=args.atol, rtol=args.rtol, log=not args.no_log,
-                    force=args.force, require_signed=args.require_signed or None,
-                    progress=_progress(args.json))
+                    force=args.force, timeout=args.timeout,
+                    require_signed=args.require_signed or None, progress=_progress(args.json))
     if args.json:
         print(json.dumps(report.to_dict(), sort_keys=True))
         return report.exit_code
@@ -62,9 +62,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"  {line}")
         return report.exit_code
     if report.observed is None:
-        print("observed   not rerun: the initial noise cannot be regenerated here (use --force to try)")
+        print("observed   not rerun: see the reasons above (--force runs it anyway)")
         return report.exit_code
-    print(f"observed   {report.observed}   ({'OK' if report.ok else 'WORSE THAN EXPECTED'})")
+    verdict = "OK" if report.ok else ("NOTHING COMPARED" if report.observed == "unverified"
+                                      else "WORSE THAN EXPECTED")
+    print(f"observed   {report.observed}   ({verdict})")
     if report.outputs:
         rows = [[n, c.bitwise_equal, c.max_abs_diff, c.mean_abs_diff, c.within_tolerance]
                 for n, c in report.outputs.items()]
@@ -352,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="rerun a recorded run here and compare its outputs",
                        description="Rebuild a recorded run's environment in a fresh process, rerun "
-                       "it and compare outputs. Exit 0 ok, 1 worse than expected, 2 bad input or "
-                       "refused, 3 cannot be reproduced here (not rerun).")
+                       "it and compare outputs. Exit 0 ok, 1 worse than expected or unverified "
+                       "(nothing compared, or timed out), 2 bad input or refused, 3 not rerun.")
     run_arg(p)
     common(p)
     p.add_argument("--project-dir", help="folder the run was recorded in (default: current directory)")
@@ -362,7 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, help="relative tolerance (default per dtype)")
     p.add_argument("--no-log", action="store_true", help="do not log the replay as an MLflow run")
     p.add_argument("--force", action="store_true",
-                   help="rerun even when the noise cannot be regenerated here or weights differ")
+                   help="rerun even when the noise cannot be regenerated here, weights differ, or "
+                   "the call would overwrite a file it returned by absolute path")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="end the replay's process after this long; the replay is then unverified "
+                   "(default: REPRO_TRACK_REPLAY_TIMEOUT, else 3 hours; 0 for no limit)")
     p.add_argument("--require-signed", action="store_true",
                    help="refuse a run unless a trusted key signed it and every digest matches "
                    "(default: REPRO_TRACK_REQUIRE_SIGNED)")

@@ -31,6 +31,9 @@ class Here:
     num_threads: int = 0
     source_sha256: Optional[str] = None
     env_vars: dict[str, Any] = field(default_factory=dict)
+    # Which code the replay runs and what differs from the recorded code identity
+    # (replay.code.CodePlan.facts()); None when not compared.
+    code: Optional[dict[str, Any]] = None
     # Non-CPU device types a generator can be rebuilt on here ("cuda", "mps", "xpu").
     accelerators: tuple[str, ...] = ()
 
@@ -346,7 +349,46 @@ def source_changed(m: dict, here: Here) -> Optional[str]:
     return None
 
 
+def _changes(code: dict) -> str:
+    names = code["changes"]
+    return "; ".join(names[:8]) + (f"; and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def code_changed(m: dict, here: Here) -> Optional[str]:
+    code = here.code
+    if code and code["mode"] == "current" and code["changes"]:
+        return f"the project's code changed since recording ({_changes(code)}); {code['why']}"
+    return None
+
+
+def recorded_diff_not_applied(m: dict, here: Here) -> Optional[str]:
+    code = here.code
+    if code and code["mode"] == "recorded" and code["diff_problem"]:
+        return (f"the recording had uncommitted changes (diff sha256 {code['diff_sha256'][:12]}) that "
+                f"the replay does not apply: {code['diff_problem']}")
+    return None
+
+
+def untracked_file_changed(m: dict, here: Here) -> Optional[str]:
+    code = here.code
+    if code and code["mode"] == "recorded" and code["untracked_changed"]:
+        names = ", ".join(code["untracked_changed"][:8])
+        return (f"untracked source files changed since recording ({names}); git does not hold their "
+                "recorded version, so today's copy is used")
+    return None
+
+
 # ---------------------------------------------------------------- "info": restored by the replayer
+
+def recorded_code_rebuilt(m: dict, here: Here) -> Optional[str]:
+    code = here.code
+    if code and code["mode"] == "recorded":
+        diff = " with the recorded uncommitted diff" if code["apply_diff"] else ""
+        return (f"the project's code changed since recording ({_changes(code)}); the replay runs the "
+                f"recorded commit {code['commit'][:12]}{diff} in a temporary git worktree "
+                "(--current-code runs today's code)")
+    return None
+
 
 def cpu_capability_pinned(m: dict, here: Here) -> Optional[str]:
     recorded, now = m["cpu"].get("torch_capability"), here.cpu.get("torch_capability")
@@ -397,6 +439,10 @@ RULES: tuple[Rule, ...] = (
     Rule("architecture", "close", architecture_differs),
     Rule("nondeterministic_gpu_kernels", "close", nondeterministic_gpu_kernels),
     Rule("source_changed", "close", source_changed),
+    Rule("code_changed", "close", code_changed),
+    Rule("recorded_diff_not_applied", "close", recorded_diff_not_applied),
+    Rule("untracked_file_changed", "close", untracked_file_changed),
+    Rule("recorded_code_rebuilt", "info", recorded_code_rebuilt),
     Rule("cpu_capability_pinned", "info", cpu_capability_pinned),
     Rule("threads", "info", threads_differ),
     Rule("env_vars", "info", env_vars_differ),

@@ -77,6 +77,20 @@ REQUIRE_SIGNED = Setting(
 )
 
 
+def _seconds(raw: str) -> float | None:
+    value = float(raw)
+    if value < 0 or value != value:
+        raise ValueError("expected a number of seconds, 0 for no limit")
+    return value or None
+
+
+REPLAY_TIMEOUT = Setting(
+    "REPRO_TRACK_REPLAY_TIMEOUT", _seconds, 3 * 3600.0,  # type: ignore[arg-type]
+    "Seconds a replay's child process may run before it is ended and the replay is unverified "
+    "(0: no limit). Generous by default: a CPU-only generation can take an hour.",
+)
+
+
 def spool_dir() -> Path:
     """The spool folder, from ``REPRO_TRACK_SPOOL_DIR`` or the per-user cache."""
     return SPOOL_DIR.get() or _default_spool()
