@@ -47,7 +47,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     report = replay(args.run, tracking_uri=args.tracking_uri, project_dir=args.project_dir,
                     dry_run=args.dry_run, atol=args.atol, rtol=args.rtol, log=not args.no_log,
-                    force=args.force, timeout=args.timeout,
+                    force=args.force, current_code=args.current_code,
+                    apply_recorded_diff=args.apply_recorded_diff, timeout=args.timeout,
                     require_signed=args.require_signed or None, progress=_progress(args.json))
     if args.json:
         print(json.dumps(report.to_dict(), sort_keys=True))
@@ -372,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-signed", action="store_true",
                    help="refuse a run unless a trusted key signed it and every digest matches "
                    "(default: REPRO_TRACK_REQUIRE_SIGNED)")
+    p.add_argument("--current-code", action="store_true",
+                   help="run today's project code, not the recorded commit (the change is named)")
+    p.add_argument("--apply-recorded-diff", action="store_true",
+                   help="apply the run's recorded uncommitted diff (repro/git.diff) to the recorded commit; "
+                   "review it with --dry-run first: it comes from the tracking store")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("show", help="print a recorded run's manifest for people (or --json)")

@@ -157,10 +157,14 @@ def _code(client: Any, loaded: Any, project: Path, tmpdir: Path, cleanup: ExitSt
     m = loaded.manifest.to_dict()
     diff_file = None
     if m["code"].get("diff_sha256") and not current_code:
-        diff_file = runs.fetch_artifact(client, loaded.run_id, f"{tags.ARTIFACT_DIR}/{tags.GIT_DIFF_FILE}",
-                                        tmpdir / "original")
-    plan = code.plan_code(m, project, diff_file, current_code=current_code,
-                          apply_recorded_diff=consent, diff_trusted=trusted)
+        # A signed run's artifacts were all downloaded and checked by load_run: use that very file.
+        diff_file = tmpdir / "original" / tags.ARTIFACT_DIR / tags.GIT_DIFF_FILE
+        if not diff_file.is_file():
+            diff_file = runs.fetch_artifact(client, loaded.run_id,
+                                            f"{tags.ARTIFACT_DIR}/{tags.GIT_DIFF_FILE}", tmpdir / "original")
+    signed = getattr(loaded, "signature", None)
+    plan = code.plan_code(m, project, diff_file, current_code=current_code, apply_recorded_diff=consent,
+                          diff_trusted=trusted or bool(signed and signed.verified))
     if plan.mode != code.RECORDED:
         return plan, project
     worktree = tmpdir / "recorded-code"
