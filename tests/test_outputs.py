@@ -155,9 +155,11 @@ ONE_PASS_CASES = [
     lambda: np.arange(30, dtype=np.uint8).reshape(5, 6)[::2, 1:],
     lambda: np.asarray(3.0),
     lambda: np.float32(2.5),
+    lambda: torch.rand(1, 3, 8, 5, generator=torch.Generator().manual_seed(0)).permute(0, 2, 3, 1),
+    lambda: torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(0)).permute(0, 2, 3, 1).numpy(),
 ]
 ONE_PASS_IDS = ["float32", "transposed", "strided-int64", "bfloat16", "float16", "bool", "0-d-tensor", "empty",
-                "fortran-int32", "sliced-uint8", "0-d-ndarray", "numpy-scalar"]
+                "fortran-int32", "sliced-uint8", "0-d-ndarray", "numpy-scalar", "nhwc-tensor", "nhwc-ndarray"]
 
 
 class TestOnePass:
@@ -228,10 +230,25 @@ class TestOnePass:
                                                                 (True, reference_sha256(last))]
         assert torch.equal(outputs.load_arrays(tmp_path / "o.safetensors")["x"], last)
 
-    def test_contiguous_arrays_are_written_from_their_own_memory(self, tmp_path: Path) -> None:
+    def test_contiguous_arrays_are_read_in_place(self) -> None:
         tensor, array = torch.arange(8.0), np.arange(8.0)
-        assert outputs._contiguous(tensor).data_ptr() == tensor.data_ptr()
-        assert np.shares_memory(outputs._contiguous(array), array)
+        assert outputs._window(tensor, 2, 5).data_ptr() == tensor.data_ptr() + 2 * tensor.element_size()
+        assert np.shares_memory(outputs._window(array, 2, 5), array)
+
+    @pytest.mark.parametrize("make", [
+        lambda: np.arange(60).reshape(3, 4, 5).transpose(2, 0, 1),
+        lambda: torch.arange(60).reshape(3, 4, 5).permute(1, 2, 0),
+        lambda: torch.arange(120).reshape(1, 3, 8, 5).permute(0, 2, 3, 1),
+        lambda: np.arange(100)[::3],
+        lambda: np.arange(24.0).reshape(4, 6)[:, 1:5],
+    ], ids=["transposed-3d", "permuted-tensor", "nhwc-batch-of-one", "every-third", "column-slice"])
+    @pytest.mark.parametrize("size", [1, 2, 7, 13, 1000])
+    def test_strided_arrays_are_read_a_window_at_a_time(self, make: Callable[[], Any], size: int) -> None:
+        array = make()
+        count = int(np.prod(array.shape))
+        windows = [outputs._window(array, start, min(start + size, count)) for start in range(0, count, size)]
+        assert [len(w) for w in windows] == [min(size, count - start) for start in range(0, count, size)]
+        assert np.array_equal(np.concatenate([np.asarray(w) for w in windows]), np.asarray(array).reshape(-1))
 
     def test_a_failed_write_raises_and_stops_the_hashing_thread(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import threading

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,8 @@ from typing import Any
 
 _CHUNK = 16 * 1024 * 1024
 _STAT_CHUNK = 1024 * 1024  # elements per chunk: small temporaries that stay in cache
-_PARALLEL_BYTES = 4 * 1024 * 1024  # above this, hash in a thread while the statistics run
+_PARALLEL_BYTES = 4 * 1024 * 1024  # above this, hash in a thread while the statistics and the write run
 _MIN_PREVIEW = 128  # pixels; PNGs are previews for the UI, the exact bits are in safetensors
-_MAX_FILE_BYTES = 512 * 1024 * 1024  # a returned file larger than this is not kept (nor compared)
 
 
 @dataclass(frozen=True)
@@ -28,8 +26,7 @@ class NamedArray:
 
     name: str
     value: Any  # numpy.ndarray or torch.Tensor
-    source: str  # "tensor", "ndarray", "pil", "number", "file"
-    file: dict[str, str] | None = None  # a returned file path: {"path": as returned, "format": ...}
+    source: str  # "tensor", "ndarray", "pil", "number"
 
 
 def _is_tensor(value: Any) -> bool:
@@ -53,9 +50,7 @@ def normalise(result: Any, prefix: str = "") -> list[NamedArray]:
     import numpy as np
 
     name = prefix or "output"
-    if isinstance(result, (str, os.PathLike)):
-        return _file_output(name, result)
-    if result is None or isinstance(result, bytes):
+    if result is None or isinstance(result, (str, bytes)):
         return []
     if _is_tensor(result):
         return [NamedArray(name, result, "tensor")]
@@ -74,39 +69,6 @@ def normalise(result: Any, prefix: str = "") -> list[NamedArray]:
                 return [NamedArray(name, np.stack(arrays), "pil")]
         return [arr for i, value in enumerate(result) for arr in normalise(value, _join(name, i))]
     return []
-
-
-def file_format(path: str, head: bytes) -> str:
-    """How a returned file's bytes can be decoded for a tolerance comparison (never by unpickling)."""
-    if head.startswith(b"\x93NUMPY"):
-        return "npy"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if path.endswith(".safetensors"):
-        return "safetensors"
-    return "bytes"
-
-
-def _file_output(name: str, value: str | os.PathLike) -> list[NamedArray]:
-    """A returned path to an existing file, recorded by its content (the bytes as a uint8 array).
-
-    A relative path is read against the working directory, where the call wrote it; a string that
-    names no file (or a file too large to keep) is not an output, and the replay says it was not compared.
-    """
-    import numpy as np
-
-    text = os.fspath(value)
-    if not isinstance(text, str) or not text or len(text) > 4096:  # the schema's limit on a path
-        return []
-    try:
-        path = Path(text)
-        if not path.is_file() or path.stat().st_size > _MAX_FILE_BYTES:
-            return []
-        data = path.read_bytes()
-    except (OSError, ValueError):  # unreadable, or not a possible path (a NUL byte)
-        return []
-    info = {"path": text, "format": file_format(text, data[:8])}
-    return [NamedArray(name, np.frombuffer(data, dtype=np.uint8), "file", info)]
 
 
 def to_numpy_view(value: Any) -> Any:
@@ -142,16 +104,47 @@ def _finite(x: float) -> float | None:
 _NO_STATS: dict[str, float | None] = {"min": None, "max": None, "abs_sum": None}
 
 
-def _contiguous(value: Any) -> Any:
-    """The array as a C-contiguous CPU tensor or ndarray: the same memory unless it has to be copied
-    (off a device, or out of a strided layout such as a transpose)."""
+def _on_cpu(value: Any) -> Any:
+    """The array as a CPU tensor or an ndarray, in its own layout (copied only off a device)."""
     import numpy as np
 
     if _is_tensor(value):
         tensor = value.detach()
-        return (tensor.cpu() if tensor.device.type != "cpu" else tensor).contiguous()
-    arr = np.asarray(value)
-    return np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray makes 0-d arrays 1-d
+        return tensor.cpu() if tensor.device.type != "cpu" else tensor
+    return np.asarray(value)
+
+
+def _is_contiguous(array: Any) -> bool:
+    return array.is_contiguous() if _is_tensor(array) else array.flags.c_contiguous
+
+
+def _window(array: Any, start: int, stop: int) -> Any:
+    """Elements [start, stop) of the array in C order, as a 1-d contiguous array.
+
+    A view for a contiguous array. A strided one (a transpose, a permuted image batch) is copied a
+    window at a time: the leading rows that cover the window (at most two rows more than it holds),
+    or, where one row is longer than the window, the same step inside the one or two rows it spans.
+    So a large strided output is never copied whole.
+    """
+    import numpy as np
+
+    if _is_contiguous(array):
+        return array.reshape(-1)[start:stop]
+    rows = array.shape[0]
+    row = (array.numel() if _is_tensor(array) else array.size) // rows
+    first, last = start // row, -(-stop // row)
+    if row <= stop - start:
+        block = array[first:last]
+        block = block.contiguous() if _is_tensor(block) else np.ascontiguousarray(block)
+        return block.reshape(-1)[start - first * row:stop - first * row]
+    parts = [_window(array[r], max(start - r * row, 0), min(stop - r * row, row)) for r in range(first, last)]
+    if len(parts) == 1:
+        return parts[0]
+    if _is_tensor(array):
+        import torch
+
+        return torch.cat(parts)
+    return np.concatenate(parts)
 
 
 def _tensor_part(chunk: Any) -> tuple[float, float, float]:
@@ -171,15 +164,15 @@ def _array_part(chunk: Any) -> tuple[float, float, float]:
     return float(chunk.min()), float(chunk.max()), float(np.add.reduce(np.abs(chunk), dtype=np.float64))
 
 
-def _stat_part(flat: Any) -> Any:
+def _stat_part(array: Any) -> Any:
     """The per-chunk statistics function for this array, or None where min/max/|x| mean nothing."""
-    if _is_tensor(flat):
+    if _is_tensor(array):
         import torch
 
-        if flat.numel() == 0 or flat.dtype == torch.bool or flat.is_complex():
+        if array.numel() == 0 or array.dtype == torch.bool or array.is_complex():
             return None
         return _tensor_part
-    return _array_part if flat.size and flat.dtype.kind in "iuf" else None
+    return _array_part if array.size and array.dtype.kind in "iuf" else None
 
 
 class _Digest:
@@ -214,22 +207,20 @@ class _Digest:
 
 
 def _scan(value: Any, sink: Any = None, *, with_stats: bool = True) -> tuple[str, dict[str, float | None]]:
-    """One pass over an array's bytes, a chunk at a time: its sha256, its min, max and sum of |x|
-    (floats summed in float64) and, given an open file, the write. Each chunk is read from memory
-    once for all three; nothing is copied whole unless the array is not contiguous to begin with."""
-    array = _contiguous(value)
-    flat = array.reshape(-1)
-    raw = to_numpy_view(array).reshape(-1).view("uint8")
-    count = flat.numel() if _is_tensor(flat) else flat.size
-    width = raw.size // count if count else 0  # bytes per element
-    part = _stat_part(flat) if with_stats else None
-    digest, parts = _Digest(raw.size), []
+    """One pass over an array's bytes in C order, a chunk at a time: its sha256, its min, max and sum
+    of |x| (floats summed in float64) and, given an open file, the write. Each chunk is read from
+    memory once for all three; nothing is copied whole (see :func:`_window`)."""
+    array = _on_cpu(value)
+    count = array.numel() if _is_tensor(array) else array.size
+    part = _stat_part(array) if with_stats else None
+    digest, parts = _Digest(_layout(array)[1]), []
     try:
         for start in range(0, count, _STAT_CHUNK):
-            chunk = memoryview(raw[start * width:(start + _STAT_CHUNK) * width])
+            window = _window(array, start, min(start + _STAT_CHUNK, count))
+            chunk = memoryview(to_numpy_view(window).reshape(-1).view("uint8"))
             digest.update(chunk)
             if part is not None:
-                parts.append(part(flat[start:start + _STAT_CHUNK]))
+                parts.append(part(window))
             if sink is not None:
                 sink.write(chunk)
     finally:
@@ -266,8 +257,7 @@ def describe(item: NamedArray, saved: bool = True,
         "nbytes": nbytes,
         "sha256": sha,
         "saved": saved,
-        # A file's bytes have no meaningful min/max: it is compared by content, decoded by its format.
-        **({"min": None, "max": None, "abs_sum": None, "file": dict(item.file)} if item.file else stats),
+        **stats,
     }
 
 
