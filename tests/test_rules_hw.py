@@ -41,6 +41,11 @@ def draw(n: int, *, generator=None, latents=None):
     return torch.randn(n, generator=generator)
 
 
+@repro_track.record
+def run_pipeline(pipe, kwargs: dict, *, generator=None):
+    return pipe(num_inference_steps=1, generator=generator, **kwargs).images
+
+
 def nvml_module(gpus: list[tuple[str, str, int, int]]) -> types.ModuleType:
     """A stand-in pynvml for a machine with these (name, uuid, SMs, threads per SM) GPUs, which
     like real NVML on a whole GPU does not know the SM count."""
@@ -178,16 +183,37 @@ class TestSmCount:
         h100 = {"sm_count": 114, "max_threads_per_sm": 2048}
         assert same_cuda_noise(numel, a10g, h100) is same
 
-    def test_pipeline_estimate(self, base):
-        m, _ = base
-        m["arguments"]["pipe"] = {"kind": "pipeline", "replayable": True, "reason": None,
-                                  "parameter": "positional_or_keyword", "pipeline": {
-                                      "components": {"unet": {"config": {"in_channels": 4, "sample_size": 64}},
-                                                     "vae": {"config": {"block_out_channels": [1, 2, 3, 4]}}}}}
-        m["arguments"]["height"] = {"kind": "json", "value": 1024, "replayable": True, "reason": None,
-                                    "parameter": "keyword_only"}
-        numel, how = largest_cuda_draw(m)
-        assert numel == 4 * 128 * 64 and "estimated" in how
+    @pytest.mark.parametrize("model, kwargs", [
+        ("tiny-text2image", {"prompt": ["a cat", "a dog"], "num_images_per_prompt": 2, "output_type": "np"}),
+        ("tiny-text2image", {"prompt": "a cat", "height": 48, "width": 64, "output_type": "pil"}),
+        ("tiny-text2image", {"prompt": "a cat", "output_type": "latent"}),
+        ("tiny-ddim", {"batch_size": 3, "output_type": "np"}),
+    ])
+    def test_draw_size_from_a_real_pipeline_call(self, model_dir, model, kwargs):
+        """The size the rule derives equals the largest randn the pipeline really drew."""
+        from torch.overrides import TorchFunctionMode
+
+        from repro_track.testing import load_pipeline
+
+        class Draws(TorchFunctionMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.sizes: list[int] = []
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func in (torch.randn, torch.rand, torch.Tensor.normal_):
+                    self.sizes.append(out.numel())
+                return out
+
+        pipe = load_pipeline(model_dir / model, progress=False)
+        with Draws() as draws:
+            _, error, recording = recorder_of(run_pipeline).capture(
+                (pipe, kwargs), {"generator": torch.Generator().manual_seed(0)})
+        assert error is None and recording is not None
+        numel, how = largest_cuda_draw(recording.manifest.to_dict())
+        assert numel == max(draws.sizes), how
+        assert "from the pipeline's UNet config and the returned images" in how
 
     def test_unknown_draw_without_pipeline_or_latents(self, base):
         assert largest_cuda_draw(base[0]) is None

@@ -124,41 +124,56 @@ def same_cuda_noise(numel: int, rec: dict, now: dict) -> bool:
     return min(blocks, _grid_cap(rec)) == min(blocks, _grid_cap(now))
 
 
-def _json_arg(args: dict, name: str, default: Any) -> Any:
-    arg = args.get(name)
-    return arg["value"] if arg and arg["kind"] == "json" and arg["value"] is not None else default
+def _numel(shape: list[int]) -> int:
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return numel
+
+
+def _images(outputs: list[dict], channels: int) -> Optional[tuple[int, int, int, bool]]:
+    """(images, height, width, are latents) the call returned, when all its images have one size."""
+    count, size, latents = 0, None, False
+    for out in outputs:
+        shape = [int(n) for n in out["shape"]]
+        if len(shape) == 4 and shape[1] == channels and shape[3] not in (1, 3, 4):
+            batch, hw, latents = shape[0], (shape[2], shape[3]), True  # output_type="latent"
+        elif len(shape) == 4:
+            batch, hw = shape[0], (shape[1], shape[2]) if shape[3] in (1, 3, 4) else (shape[2], shape[3])
+        elif len(shape) == 3 and shape[2] in (1, 3, 4):
+            batch, hw = 1, (shape[0], shape[1])  # one PIL image or HWC array
+        else:
+            continue
+        if size not in (None, hw):
+            return None
+        count, size = count + batch, hw
+    return (count, size[0], size[1], latents) if size else None
 
 
 def largest_cuda_draw(m: dict) -> Optional[tuple[int, str]]:
-    """(elements, how it is known) of the call's largest CUDA draw: the latents. None when unknown.
+    """(elements, how it is known) of the call's largest CUDA draw, the latents; None when unknown.
 
-    Known from a ``latents`` tensor argument's shape (the scheduler's noise has that shape), or
-    estimated for a diffusers pipeline argument from its UNet and VAE configs and the call's
-    ``height``, ``width``, ``batch_size``, ``num_images_per_prompt`` and ``prompt`` arguments.
+    Known from a ``latents`` tensor argument (the scheduler's noise has its shape), or, for a call
+    given a diffusers pipeline with a UNet, from the images it returned: diffusers draws the latents
+    of a batch at once, ``(images, unet.in_channels, height / s, width / s)`` with ``s`` the VAE's
+    downscaling (1 without a VAE). Several calls of the pipeline only make this an overestimate.
     """
     args = m["arguments"]
     latents = args.get("latents")
     if latents and latents["kind"] == "tensor" and latents.get("shape"):
-        numel = 1
-        for size in latents["shape"]:
-            numel *= int(size)
-        return numel, f"the latents argument's shape {tuple(latents['shape'])}"
+        return _numel(latents["shape"]), f"the latents argument's shape {tuple(latents['shape'])}"
     pipe = next((a["pipeline"] for a in args.values() if a["kind"] == "pipeline"), None)
-    unet = ((pipe or {}).get("components", {}).get("unet") or {}).get("config") or {}
-    channels, sample = unet.get("in_channels"), unet.get("sample_size")
-    if not isinstance(channels, int) or not isinstance(sample, int):
+    components = (pipe or {}).get("components") or {}
+    channels = ((components.get("unet") or {}).get("config") or {}).get("in_channels")
+    images = _images(m["outputs"], channels) if isinstance(channels, int) else None
+    if images is None:
         return None
-    vae = (pipe["components"].get("vae") or {}).get("config") or {}
-    scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 1
-    height, width = _json_arg(args, "height", sample * scale), _json_arg(args, "width", sample * scale)
-    prompt = _json_arg(args, "prompt", None)
-    batch = (_json_arg(args, "batch_size", 1) * _json_arg(args, "num_images_per_prompt", 1)
-             * (len(prompt) if isinstance(prompt, list) else 1))
-    if not all(isinstance(v, int) and v > 0 for v in (height, width, batch)):
-        return None
-    shape = (batch, channels, height // scale, width // scale)
-    return batch * channels * (height // scale) * (width // scale), \
-        f"latents {shape} estimated from the pipeline's config and the call's arguments"
+    count, height, width, are_latents = images
+    vae = (components.get("vae") or {}).get("config") or {}
+    blocks = vae.get("block_out_channels")
+    scale = 1 if are_latents or not blocks else 2 ** (len(blocks) - 1)
+    shape = (count, channels, height // scale, width // scale)
+    return _numel(list(shape)), f"latents {shape} from the pipeline's UNet config and the returned images"
 
 
 def _gpu_words(dev: Optional[dict]) -> str:
