@@ -42,6 +42,16 @@ class EntryPointRefused(ReproTrackError, PermissionError):
     """A manifest names an entry point the replayer will not run (not decorated, outside the project)."""
 
 
+class UntrustedManifestError(ReproTrackError, PermissionError):
+    """A manifest asks the replay for something repro-track never records or never takes from a
+    manifest: a loader or path variable, a pipeline class outside diffusers, remote code."""
+
+    def __init__(self, message: str, *, run_id: str | None = None, item: str | None = None):
+        super().__init__(message)
+        self.run_id = run_id
+        self.item = item
+
+
 class NotReplayableError(ReproTrackError, RuntimeError):
     """A recorded call cannot be rebuilt here: an argument, a pipeline or the function is missing."""
 

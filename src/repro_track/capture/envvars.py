@@ -11,6 +11,7 @@ costs an incident.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +43,27 @@ LOCATION_ONLY: frozenset[str] = frozenset(
         "TRANSFORMERS_CACHE", "DIFFUSERS_CACHE", "CUDA_CACHE_PATH", "CUDA_CACHE_MAXSIZE",
         "HF_HUB_DISABLE_PROGRESS_BARS", "DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY",
     }
+)
+
+# What a replay restores from a manifest: only variables that decide the bits (hash seed, cuBLAS
+# workspace, TF32, thread counts, ISA levels of ATen, oneDNN and MKL). Every other recorded variable
+# describes the recording machine (which GPUs it saw, where its hub and caches were) and is never
+# imposed on the replay machine. Names are listed or come from a numeric library's family...
+BIT_DECIDING_NAMES: frozenset[str] = frozenset(
+    {
+        "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE", "ATEN_CPU_CAPABILITY",
+        "TF_ENABLE_ONEDNN_OPTS", "CUDA_LAUNCH_BLOCKING", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+        "TORCH_CUDNN_V8_API_DISABLED", "TORCH_BLAS_PREFER_CUBLASLT", "TORCH_LINALG_PREFER_CUSOLVER",
+    }
+)
+BIT_DECIDING_PREFIXES: tuple[str, ...] = (
+    "OMP_", "KMP_", "GOMP_", "MKL_", "ONEDNN_", "DNNL_", "OPENBLAS_", "CUBLAS_", "CUBLASLT_", "CUDNN_",
+)
+# ...but within a family, a name that points at a file, folder, library, host or log (OMP_TOOL_LIBRARIES
+# loads a shared library; CUBLASLT_LOG_FILE writes one) is never taken from a manifest.
+_LOCATION_WORDS = re.compile(
+    r"(?:PATH|DIR|HOME|FILE|LIB|TOOL|PLUGIN|INJECT|CACHE|LOG|DUMP|DEST|HOST|PORT|URL|ENDPOINT|PROXY|"
+    r"SOCKET|PREFIX|ROOT|MODULE|LOADER)"
 )
 
 
@@ -77,6 +99,26 @@ def is_allowed(name: str) -> bool:
     if name in LOCATION_ONLY:
         return False
     return name in ALLOWED_NAMES or name.startswith(ALLOWED_PREFIXES)
+
+
+def is_recordable(name: str) -> bool:
+    """Whether some version of repro-track could have put ``name`` in a manifest.
+
+    The allow-list, plus the location variables that older recorders kept; anything else in a
+    manifest (LD_PRELOAD, PYTHONPATH, PATH, proxies) was written by hand.
+    """
+    return is_allowed(name) or name in LOCATION_ONLY
+
+
+def is_bit_deciding(name: str) -> bool:
+    """Whether a replay takes ``name``'s recorded value (and unsets it when the recording lacks it).
+
+    Only variables that change the computation's bits; loader, path, cache, hub and device-selection
+    variables are machine-local and never imposed.
+    """
+    if name in BIT_DECIDING_NAMES:
+        return True
+    return name.startswith(BIT_DECIDING_PREFIXES) and not _LOCATION_WORDS.search(name)
 
 
 def looks_like_secret_name(name: str) -> bool:
