@@ -19,7 +19,7 @@ import pytest
 from conftest import (RecordedProject, clone_run, recording_env, run_cli, run_script, stored_artifact,
                       write_project)
 
-from repro_track import runs, store, tags
+from repro_track import runs, signing, store, tags
 from repro_track.capture import sources
 from repro_track.replay import replay
 from repro_track.replay.code import CURRENT, RECORDED, SAME, plan_code
@@ -87,8 +87,8 @@ class History:
     spool: Path
     runs: dict[str, str]
 
-    def record(self, cwd: Path) -> str:
-        done = run_script(self.repo / "record.py", env=recording_env(self.uri, self.spool), cwd=cwd)
+    def record(self, cwd: Path, **env: str) -> str:
+        done = run_script(self.repo / "record.py", env=recording_env(self.uri, self.spool, **env), cwd=cwd)
         assert done.returncode == 0, done.stderr
         run_id = done.stdout.strip().splitlines()[-1]
         assert run_id != "None", f"the recording was spooled, not logged:\n{done.stderr}"
@@ -100,8 +100,9 @@ class History:
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory) -> History:
-    """clean @C1, dirty (helper x3, uncommitted) @C1, secret (a credential line in the diff) @C1,
-    c2 @C2 (make adds 1); then C3 edits the helper (adds 0.25). HEAD is C3, clean."""
+    """clean @C1, dirty (helper x3, uncommitted) @C1, signed (the same, signed with keys/private),
+    secret (a credential line in the diff) @C1, c2 @C2 (make adds 1); then C3 edits the helper
+    (adds 0.25). HEAD is C3, clean."""
     root = tmp_path_factory.mktemp("recorded-code")
     repo = write_project(root / "repo", {"helpers.py": HELPERS_PY, "proj.py": PROJ_PY,
                                          "record.py": RECORD_PY})
@@ -113,6 +114,8 @@ def history(tmp_path_factory) -> History:
     h.runs["clean"] = h.record(root)
     edit(repo / "helpers.py", "x * FACTOR", "x * FACTOR * 3.0")
     h.runs["dirty"] = h.record(root)
+    private, _ = signing.keygen(root / "keys")
+    h.runs["signed"] = h.record(root, REPRO_TRACK_SIGNING_KEY=str(private))
     (repo / "helpers.py").write_text((repo / "helpers.py").read_text("utf-8") + SECRET_LINE, "utf-8")
     h.runs["secret"] = h.record(root)
     git(repo, "checkout", "-q", "--", "helpers.py")
@@ -244,6 +247,18 @@ class TestRecordedDiff:
         report = do_replay(history, "dirty", diff_trusted=True, dry_run=True)
         assert report.expected == "exact"
         assert any("recorded uncommitted diff (sha256" in line and "applied" in line for line in report.plan)
+
+    @pytest.mark.parametrize("trusted, expected", [pytest.param(True, "exact", id="trusted-signer"),
+                                                   pytest.param(False, "close", id="unknown-signer")])
+    def test_signed_run(self, history, monkeypatch, tmp_path, trusted, expected):
+        _, other = signing.keygen(tmp_path / "other")
+        monkeypatch.setenv("REPRO_TRACK_TRUSTED_KEYS",
+                           str(history.repo.parent / "keys" / signing.PUBLIC_KEY_FILE if trusted else other))
+        report = do_replay(history, "signed", dry_run=True)
+        assert report.expected == expected
+        applied = [line for line in report.plan if "recorded uncommitted diff (sha256" in line]
+        assert bool(applied) is trusted
+        assert any("not signed by a trusted key" in r for r in report.reasons) is not trusted
 
     def test_scrubbed_diff_cannot_be_rebuilt(self, history):
         assert "<redacted" in stored_artifact(history.project(), history.runs["secret"],
