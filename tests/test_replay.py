@@ -79,7 +79,7 @@ class TestSameMachine:
 class TestExamples:
     """The shipped examples, run as scripts, replay bit-exactly from the repository root."""
 
-    @pytest.mark.parametrize("script", ["ddim_cpu.py", "text_to_image.py"])
+    @pytest.mark.parametrize("script", ["ddim_cpu.py", "text_to_image.py", "img2img.py"])
     def test_example_replays_exactly(self, tracking_uri, example_env, tmp_path, script):
         id_file = tmp_path / "run_id"
         done = run_script(REPO / "examples" / script, "--steps", "2", "--run-id-file", str(id_file),
@@ -104,7 +104,7 @@ SENSITIVE_SCRIPT = '''
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     gen.sensitive(1 << 20, generator=torch.Generator("cpu").manual_seed(0))
-    print(repro_track.last_recording(gen.sensitive).run_id)
+    print(repro_track.last_recording(gen.sensitive).wait(120))
 '''
 
 
