@@ -11,9 +11,10 @@ With a tiny seeded DDIM pipeline (``repro_track.testing.build_tiny_ddim``) it ch
 5. deterministic settings: L_inf 0 between two runs;
 
 then records each case with ``repro_track.record`` into an MLflow SQLite store and replays it with
-``repro_track.replay``, checking that the prediction holds (observed at least as good as expected) and
-that on this machine it is ``exact``. On a GPU it also measures the launch grid of torch's CUDA
-sampling at the SM-count threshold (one element below and above) and checks the SM-count rule there.
+``repro_track.replay``, checking that the prediction holds (observed at least as good as expected;
+CPU runs on this machine predicted and observed ``exact``). On a GPU it also checks the SM count the
+replay reads from the CUDA runtime, measures the grid cap of torch's CUDA sampling from the Philox
+offset one element below and above 1024 x cap, and checks the SM-count rule at a smaller GPU's wave.
 Without CUDA the CUDA parts are reported as skipped. Exit 0 when every check that ran passed, else 1.
 Everything written goes into one temp folder, deleted at the end unless ``--keep``.
 """
@@ -221,7 +222,12 @@ class Check:
         detail = f"expected {report.expected}, observed {report.observed}, L_inf {diffs}"
         if report.reasons:
             detail += " (" + "; ".join(report.reasons) + ")"
-        self.add(f"record+replay: {name}", report.ok and report.observed == "exact" == report.expected, detail)
+        # The prediction holds when the replay is at least as good as expected; on the recording machine
+        # a CPU run must also be predicted exact (GPU runs without determinism are predicted close).
+        holds = report.ok and report.observed in ("exact", "close")
+        if device == "cpu":
+            holds = holds and report.expected == report.observed == "exact"
+        self.add(f"record+replay: {name}", holds, detail)
 
     def replays(self) -> None:
         self.record_and_replay("no generator (CPU)", "cpu", None)
@@ -242,6 +248,7 @@ class Check:
     def threshold(self) -> None:
         if not self.cuda:
             self.skip("SM-count threshold (grid cap measured below and above)", "no CUDA device on this machine")
+            self.skip("SM count of the replay machine from the CUDA runtime probe", "no CUDA device on this machine")
             self.skip("SM-count rule below and above the threshold", "no CUDA device on this machine")
             return
         torch = self.torch
@@ -268,17 +275,24 @@ class Check:
         import copy
         import dataclasses
 
-        from repro_track.capture import gpu
+        from repro_track import runs, store
         from repro_track.replay.plan import describe_here
         from repro_track.rules import predict
-
-        from repro_track import runs, store
 
         run_id = self.record("cuda", "cuda")
         m = runs.load_run(store.client_for(self.tracking_uri), run_id, self.root / "threshold").manifest.to_dict()
         here = describe_here(None, m)
         smaller = copy.deepcopy(here.gpu)
-        used = smaller["devices"][smaller["cuda_order"][0]]
+        order = smaller.get("cuda_order") or [None]
+        used = next((d for d in smaller.get("devices", []) if d["index"] == order[0]), None)
+        if used is None:
+            self.add("SM-count rule below and above the threshold", False,
+                     f"the GPU used is not in the GPU section (NVML: {smaller.get('reason') or 'order unknown'})")
+            return
+        self.add("SM count of the replay machine from the CUDA runtime probe",
+                 used.get("sm_count") == props.multi_processor_count,
+                 f"{used['name']}: {used.get('sm_count')} SMs in the replay's facts, "
+                 f"{props.multi_processor_count} from torch here")
         used.update(name=used["name"] + " (fewer SMs)", sm_count=props.multi_processor_count - 2)
         small_wave = (props.multi_processor_count - 2) * (props.max_threads_per_multi_processor // 256) * 256
         fired = {}
@@ -290,8 +304,8 @@ class Check:
             prediction = predict(mm, dataclasses.replace(here, gpu=smaller))
             fired[numel] = any(r.rule == "cuda_generator_sm_count" for r in prediction.reasons)
         self.add("SM-count rule below and above the threshold", fired == {small_wave: False, small_wave + 1: True},
-                 f"rule fired {fired} (SM counts from the CUDA runtime probe: "
-                 f"{[d.get('sm_count') for d in gpu.capture_gpu()['devices']] or 'none'} via NVML)")
+                 f"against a GPU with {props.multi_processor_count - 2} SMs (one wave: {small_wave} elements), "
+                 f"the rule fired {fired}")
 
 
 def _philox_offset(gen: Any) -> int:
@@ -312,9 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         cuda = "available" if check.cuda else "not available: CUDA parts skipped"
         print(f"torch {check.torch.__version__}, CUDA {cuda}",
               flush=True)
-        check.claims()
-        check.replays()
-        check.threshold()
+        for part in (check.claims, check.replays, check.threshold):
+            try:
+                part()
+            except Exception as exc:  # one broken part must not hide the others' results
+                import traceback
+
+                traceback.print_exc()
+                check.add(f"{part.__name__} ran to the end", False, f"{type(exc).__name__}: {exc}")
     for result in check.results:
         print(result.line())
     failed = [r for r in check.results if r.status == "fail"]
