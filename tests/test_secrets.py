@@ -98,6 +98,18 @@ class TestHoldsSecret:
         assert secret not in scrub.blank(text)
         assert scrub.blank(text).startswith(text.split(secret)[0])
 
+    def test_multi_line_text(self) -> None:
+        # A traceback: the keyword value on one line is blanked on every line, a PEM body line by line,
+        # and an unquoted value does not run on into the next line.
+        rng = random.Random("pem")
+        body = [_text(rng, ALNUM + "+/", 64) for _ in range(3)]
+        text = "\n".join(["Traceback (most recent call last):", '  File "x.py", line 3, in f',
+                          "RuntimeError: login failed password: Hunter22x", "user said Hunter22x again",
+                          "-----BEGIN PRIVATE KEY-----", *body, "-----END PRIVATE KEY-----"])
+        blanked = scrub.blank(text)
+        assert "Hunter22x" not in blanked and not any(line in blanked for line in body)
+        assert blanked.split("\n")[:2] == text.split("\n")[:2]
+
     def test_short_url_password_is_blanked_by_position(self) -> None:
         assert scrub.blank("https://me:pw@host.example.com/x") == f"https://me:{scrub.REDACTED}@host.example.com/x"
 
@@ -272,9 +284,13 @@ class TestSecretCorpus:
         remote_url = (f"{secret_url.split('/prod')[0]}/{remote['aws']}/{remote['hf']}/{remote['github']}/"
                       f"{remote['high_entropy']}/password={planted('git remote')['keyword'][1]}/repo.git")
         project = make_project(tmp_path / "project", "planted_secrets", remote_url)
+        names = plant("git branch and file names")
+        run_git(project, "checkout", "-q", "-b", f"deploy/{names['aws']}/{names['github']}")
         diff = plant("git diff")
         (project / "settings.py").write_text(f'REMOVED = "{diff["hf"]}"\nSTEPS = 2\n', "utf-8")
         commit_all(project)
+        for kind in ("hf", "high_entropy"):
+            (project / f"notes-{names[kind]}.txt").write_text("untracked\n", "utf-8")
         lines = [f'AWS_ID = "{diff["aws"]}"', f'GITHUB = "{diff["github"]}"', f'DB_URL = "{diff["url_password"]}"',
                  diff["keyword"], f'SALT = "{diff["high_entropy"]}"']
         (project / "settings.py").write_text("STEPS = 2\n" + "\n".join(lines) + "\n", "utf-8")
@@ -322,6 +338,7 @@ class TestSecretCorpus:
         assert {f"CUDA_PLANTED_{i}" for i in range(len(KINDS))} <= set(ok["env_vars"]["redacted"])
         assert ok["git"]["remote_url"] and scrub.REDACTED in ok["git"]["remote_url"]
         assert ok["git"]["dirty"] and ok["git"]["diff_sha256"]
+        assert scrub.REDACTED in ok["git"]["branch"] and len(ok["git"]["untracked"]) == 2
         args = ok["arguments"]
         assert all(args[f"note_{kind}"]["kind"] == "redacted" for kind in KINDS)
         assert all(args[f"config_{kind}"]["kind"] == "redacted" for kind in KINDS)

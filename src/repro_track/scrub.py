@@ -190,10 +190,19 @@ def holds_secret(text: str) -> bool:
 
 
 def secret_parts(text: str) -> tuple[str, ...]:
-    """The substrings of ``text`` that look like credentials, longest first (empty when clean)."""
-    if len(text) <= _CACHED_CHARS:
-        return _cached_parts(text)
-    return _find(text)
+    """The substrings of ``text`` that look like credentials, longest first (empty when clean).
+
+    Looked for line by line: the rules are line rules (an unquoted ``password: x`` would otherwise run
+    on into the next line), and the lines of tracebacks and diffs repeat, so the cache serves them.
+    """
+    if "\n" not in text:
+        return _line_parts(text)
+    parts = {part for line in text.split("\n") for part in _line_parts(line)}
+    return tuple(sorted(parts, key=len, reverse=True))
+
+
+def _line_parts(line: str) -> tuple[str, ...]:
+    return _cached_parts(line) if len(line) <= _CACHED_CHARS else _find(line)
 
 
 def blank(text: str) -> str:

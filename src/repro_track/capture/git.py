@@ -151,14 +151,17 @@ def _capture(repo: Any) -> tuple[dict[str, Any], str | None]:
         if raw_diff:
             diff_text, diff_facts = _diff_facts(raw_diff)
 
+    from .. import scrub
+
+    # Branch and file names are the user's strings too (a branch named after a ticket can quote a token).
     section = _section(
         True,
         None,
         commit=status["commit"],
-        branch=status["branch"],
+        branch=scrub.blank(status["branch"]) if status["branch"] else None,
         remote_url=_remote_url(repo),
         dirty=status["tracked_changes"],
-        untracked=untracked[:MAX_UNTRACKED],
+        untracked=[scrub.blank(path) for path in untracked[:MAX_UNTRACKED]],
         untracked_truncated=len(untracked) > MAX_UNTRACKED,
         **diff_facts,
     )
