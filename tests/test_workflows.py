@@ -164,3 +164,22 @@ class TestAutocast:
         report = repro_track.replay(hub_runs["runs"]["autocast"], tracking_uri=hub_runs["uri"],
                                     project_dir=hub_runs["project"], log=False)
         assert (report.expected, report.observed) == ("exact", "exact"), report.reasons
+
+
+@pytest.mark.slow
+class TestDiffNamesPipelineParts:
+    """`diff` explains a pipeline loaded at another commit, and autocast, as causes."""
+
+    def test_commit_and_autocast_differences_are_named(self, hub_runs: dict, tmp_path: Path) -> None:
+        import copy
+
+        from repro_track.explain import differences
+
+        a = _manifest(hub_runs["uri"], hub_runs["runs"]["inside"], tmp_path / "a")
+        b = copy.deepcopy(a)
+        b["pipelines"][0]["identity"]["revision"] = COMMIT_B
+        b["determinism"]["autocast"] = [{"device_type": "cpu", "dtype": "bfloat16", "enabled": True}]
+        found = {d.path: d for d in differences(a, b)}
+        revision = found["pipelines.0.identity.revision"]
+        assert revision.category == "input" and "another commit of the model repo" in revision.explanation
+        assert any(p.startswith("determinism.autocast") and d.category == "arithmetic" for p, d in found.items())

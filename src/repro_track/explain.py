@@ -89,6 +89,13 @@ EXPLANATIONS: tuple[tuple[str, Any, Explain], ...] = (
         "with other SM counts, and kernels split work differently")),
     (r"arguments\.[^.]+\.pipeline\..*weights_sha256", "input", _words(
         "model weights differ ({path}); the same inputs give another image")),
+    (r"(arguments\.[^.]+\.pipeline|pipelines\.\d+\.identity)\.(revision|repo_id)", "input", _words(
+        "model {path}: {a} in A, {b} in B; another commit of the model repo may hold other weights")),
+    (r"(arguments\.[^.]+\.pipeline|pipelines\.\d+\.identity)\.(adapters|adapter_weights|fused)(\..*)?",
+     "input", _words("LoRA adapters differ ({path}: {a} vs {b}); the adapted weights compute another image")),
+    (r"pipelines\.\d+\.identity\..*weights_sha256", "input", _words(
+        "weights of a pipeline the call loaded differ ({path}); the same inputs give another image")),
+    (r"pipelines(\..*)?", "input", _words("a pipeline the call used differs ({path}: {a} vs {b})")),
     (r"arguments\.[^.]+\.pipeline\..*", "input", _words("pipeline differs ({path}: {a} vs {b})")),
     (r"arguments\.([^.]+)\.(value|sha256)(\..*)?", "input", _words(
         "argument {path}: {a} in A, {b} in B; the call computed something else")),
@@ -110,6 +117,8 @@ EXPLANATIONS: tuple[tuple[str, Any, Explain], ...] = (
      "arithmetic", _words("{path}: {a} in A, {b} in B; reduced-precision (TF32/fp16) math on the GPU "
                           "rounds differently")),
     (r"determinism\.(default_dtype)", "arithmetic", _words("default dtype: {a} vs {b}")),
+    (r"determinism\.autocast(\..*)?", "arithmetic", _words(
+        "torch.autocast: {a} in A, {b} in B; autocast runs matmuls and convolutions in lower precision")),
     (r"determinism\.cuda_used", "arithmetic", _words("ran on GPU: {a} in A, {b} in B")),
     (r"determinism\..*", "arithmetic", _words("{path}: {a} in A, {b} in B")),
     (r"gpu\.devices\.\d+\.name", "arithmetic", _words("GPU: {a} in A, {b} in B")),
