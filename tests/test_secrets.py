@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import free_port
 from repro_track import scrub
@@ -145,6 +147,20 @@ class TestHoldsSecret:
 
     def test_hex_identifier_next_to_a_keyword_is_still_a_secret(self) -> None:
         assert scrub.holds_secret('api_key = "4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c"')
+
+
+class TestBlankProperty:
+    """Whatever the secret's random content and the text around it, blanking leaves none of it."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(seed=st.integers(min_value=0, max_value=2**32), kind=st.sampled_from(KINDS),
+           prefix=st.text(alphabet=string.ascii_letters + " :,;()", max_size=20),
+           suffix=st.text(alphabet=string.ascii_letters + " :,;()", max_size=20))
+    def test_never_survives(self, seed: int, kind: str, prefix: str, suffix: str) -> None:
+        text, secret = planted(f"property {seed}")[kind]
+        blanked = scrub.blank(f"{prefix} {text} {suffix}")
+        assert secret not in blanked
+        assert blanked.startswith(f"{prefix} ")
 
 
 class TestJson:
