@@ -12,7 +12,7 @@ def report(images, outcome, run_id_file: Path | None) -> None:
     """
     import numpy as np
 
-    run_id = outcome.run_id if outcome is not None else None
+    run_id = outcome.wait() if outcome is not None else None  # the upload runs in the background
     print(f"images: shape {images.shape}, sum(|x|) = {np.abs(images).sum()!s}", file=sys.stderr)
     if run_id:
         print(f"recorded as run {run_id} in {outcome.tracking_uri}", file=sys.stderr)

@@ -10,7 +10,7 @@ import textwrap
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -18,13 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own working dir and spool, and no inherited tracking settings."""
+def _private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test gets its own working dir and spool, and no inherited tracking settings; uploads
+    still in the background are finished before the next test starts."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REPRO_TRACK_SPOOL_DIR", str(tmp_path / "spool"))
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "REPRO_TRACK_DISABLE",
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "REPRO_TRACK_DISABLE", "REPRO_TRACK_DELIVERY",
                  "REPRO_TRACK_SIGNING_KEY", "REPRO_TRACK_TRUSTED_KEYS", "REPRO_TRACK_REQUIRE_SIGNED"):
         monkeypatch.delenv(name, raising=False)
+    yield
+    from repro_track import delivery
+
+    delivery.flush(120)
 
 
 @pytest.fixture
@@ -255,7 +260,7 @@ PROJECT_RECORD_ALL_PY = '''
 
 
     def run_id(fn):
-        return repro_track.last_recording(fn).run_id
+        return repro_track.last_recording(fn).wait(120)
 
 
     def main(model: str) -> None:

@@ -76,7 +76,7 @@ class TestDeterministic:
         before = determinism_knobs()
         f()
         assert determinism_knobs() == before
-        run_id = repro_track.last_recording(f).run_id
+        run_id = repro_track.last_recording(f).wait(120)
         done = run_cli("show", run_id, "--json")
         manifest = json.loads(done.stdout)["manifest"]
         assert manifest["determinism"]["fully_deterministic"] is True

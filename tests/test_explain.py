@@ -94,7 +94,7 @@ class TestDiffCommand:
         ids = []
         for seed in (0, 1):
             draw(generator=torch.Generator("cpu").manual_seed(seed))
-            ids.append(repro_track.last_recording(draw).run_id)
+            ids.append(repro_track.last_recording(draw).wait(120))
         text = run_cli("diff", *ids)
         assert text.returncode == 0, text.stderr
         lines = [line for line in text.stdout.splitlines() if line.strip()]

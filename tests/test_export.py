@@ -23,7 +23,7 @@ def sample(n: int = 4, *, generator=None):
 def run(tracking_uri) -> tuple[str, dict]:
     """One recorded run and its manifest."""
     sample(generator=torch.Generator().manual_seed(3))
-    run_id = repro_track.last_recording(sample).run_id
+    run_id = repro_track.last_recording(sample).wait(120)
     done = run_cli("show", run_id, "--json")
     assert done.returncode == 0, done.stderr
     return run_id, json.loads(done.stdout)["manifest"]

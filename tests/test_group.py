@@ -24,7 +24,7 @@ class TestParentRun:
             ids = []
             for i in range(5):
                 make(i)
-                ids.append(repro_track.last_recording(make).run_id)
+                ids.append(repro_track.last_recording(make).wait(120))
         runs = {r.info.run_id: r for r in client.search_runs([parent.experiment_id])}
         assert set(ids) <= set(runs) and len(runs) == 6
         assert all(runs[i].data.tags["mlflow.parentRunId"] == parent.run_id for i in ids)
@@ -41,5 +41,5 @@ class TestParentRun:
         with repro_track.parent_run("sweep", experiment="sweeps"):
             pass
         make(7)
-        run = client.get_run(repro_track.last_recording(make).run_id)
+        run = client.get_run(repro_track.last_recording(make).wait(120))
         assert "mlflow.parentRunId" not in run.data.tags

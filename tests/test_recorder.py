@@ -76,7 +76,7 @@ def all_runs(client: Any) -> list[Any]:
 
 def run_of(fn: Callable[..., Any]) -> str:
     outcome = repro_track.last_recording(fn)
-    assert outcome is not None and outcome.run_id is not None, outcome
+    assert outcome is not None and outcome.wait(120) is not None, outcome
     return outcome.run_id
 
 
@@ -310,6 +310,7 @@ class TestTransparency:
             return 2 * x
 
         double(1)
+        repro_track.flush(60)
         [recorded] = all_runs(client)
         monkeypatch.setenv("REPRO_TRACK_DISABLE", value)
         assert double(4) == 8
@@ -537,7 +538,9 @@ class TestOutputTypes:
 class TestUnreachableServer:
     """With MLflow down the call still returns, one warning says so, and sync uploads it exactly once."""
 
-    def test_spool_then_sync_once(self, migrated_store: str, client: Any, tmp_path: Path) -> None:
+    def test_spool_then_sync_once(self, migrated_store: str, client: Any, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("REPRO_TRACK_DELIVERY", "sync")  # the warning at the call needs a waiting call
         down = f"http://127.0.0.1:{free_port()}"
 
         @repro_track.record(tracking_uri=down)
@@ -644,7 +647,7 @@ def generate(n: int, api_key: str = "", *, generator=None):
 
 if __name__ == "__main__":
     generate(4, api_key="{API_KEY}", generator=torch.Generator().manual_seed(5))
-    print(repro_track.last_recording(generate).run_id)
+    print(repro_track.last_recording(generate).wait(120))
 '''
 
 

@@ -34,7 +34,7 @@ GEN = '''
         for i in range(start, start + count):
             make(i, generator=torch.Generator().manual_seed(i))
             outcome = repro_track.last_recording(make)
-            print(outcome.run_id or "SPOOLED", flush=True)
+            print(outcome.wait(120) or "SPOOLED", flush=True)
 '''
 
 
@@ -109,7 +109,7 @@ class TestConcurrentThreads:
                 for i in range(5):
                     index = thread * 10 + i
                     make(index)
-                    seen[index] = repro_track.last_recording(make).run_id
+                    seen[index] = repro_track.last_recording(make).wait(120)
             except BaseException as exc:  # surfaced below
                 errors.append(exc)
 
@@ -148,7 +148,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 make()
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 import json
-print(json.dumps({"run_id": repro_track.last_recording(make).run_id, "extra": after - before}))
+print(json.dumps({"run_id": repro_track.last_recording(make).wait(300), "extra": after - before}))
 ''')
         done = run_script(script, str(tmp_path), env={**os.environ, "REPRO_TRACK_SPOOL_DIR": str(tmp_path / "s")})
         assert done.returncode == 0, done.stderr[-2000:]
@@ -169,6 +169,7 @@ class TestSlowStore:
         import repro_track
 
         monkeypatch.setenv("REPRO_TRACK_LOG_TIMEOUT", "0.000001")
+        monkeypatch.setenv("REPRO_TRACK_DELIVERY", "sync")  # the call waits, briefly, then warns
 
         @repro_track.record(experiment="slow")
         def make():
@@ -286,7 +287,7 @@ class TestRecordingEdges:
 
         planted = "https://alice:hunter2-very-secret@models.example/x"
         make(planted)
-        m = _manifest(migrated_store, repro_track.last_recording(make).run_id)
+        m = _manifest(migrated_store, repro_track.last_recording(make).wait(120))
         assert m["arguments"]["source"]["kind"] == "redacted"
         blobs = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
         assert not any(b"hunter2-very-secret" in blob for blob in blobs)
@@ -302,6 +303,7 @@ class TestSyncResumes:
         from repro_track import spool, store, tags
 
         monkeypatch.setenv("REPRO_TRACK_PROBE_TIMEOUT", "0.5")
+        monkeypatch.setenv("REPRO_TRACK_DELIVERY", "sync")  # the warning comes from the call itself
 
         @repro_track.record(experiment="resume", tracking_uri="http://127.0.0.1:9")  # nothing listens
         def make():

@@ -21,7 +21,7 @@ class TestShow:
 
     def test_text_and_json(self, migrated_store):
         sample(generator=torch.Generator().manual_seed(11))
-        run_id = repro_track.last_recording(sample).run_id
+        run_id = repro_track.last_recording(sample).wait(120)
         text = run_cli("show", run_id)
         assert text.returncode == 0, text.stderr
         for heading in ("call", "arguments", "randomness", "hardware", "software", "determinism",

@@ -38,7 +38,7 @@ def recorded(migrated_store: str, client: Any) -> str:
 
     draw(8, generator=torch.Generator().manual_seed(1))
     outcome = repro_track.last_recording(draw)
-    assert outcome is not None and outcome.run_id is not None
+    assert outcome is not None and outcome.wait(120) is not None
     return outcome.run_id
 
 
@@ -157,9 +157,10 @@ class TestUpload:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", repro_track.RecordingWarning)
             draw()
-        entry = next(spool.pending())
-        first = store.upload(client, entry, dedupe=True)
-        second = store.upload(client, entry, dedupe=True)
+        repro_track.flush(60)
+        entry = spool.claim(next(spool.pending()))
+        first = store.upload(client, entry)
+        second = store.upload(client, entry)
         assert first == second
         assert [r.info.run_id for r in all_runs(client)] == [first]
         assert client.get_run(first).data.tags[tags.SPOOL_ID] == entry.recording_id

@@ -25,7 +25,7 @@ from .replay import ReplayReport, replay
 __all__ = [
     "EntryPointRefused", "IntegrityError", "ManifestError", "NotReplayableError", "RecordOutcome",
     "RecordingWarning", "ReplayReport", "ReproTrackError", "RunNotFoundError", "StoreError", "__version__",
-    "deterministic", "last_recording", "parent_run", "record", "replay",
+    "deterministic", "flush", "last_recording", "parent_run", "record", "replay",
 ]
 
 
@@ -35,6 +35,10 @@ def __getattr__(name: str) -> Any:
         from .group import parent_run
 
         return parent_run
+    if name == "flush":
+        from .delivery import flush
+
+        return flush
     if name == "deterministic":
         from .determinism import deterministic
 

@@ -42,6 +42,7 @@ class AuditReport:
     experiment: str
     items: list[AuditItem] = field(default_factory=list)
     audit_run_id: str | None = None
+    log_error: str | None = None  # why the audit run could not be logged, if it could not
 
     @property
     def counts(self) -> dict[str, dict[str, int]]:
@@ -62,7 +63,7 @@ class AuditReport:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``--json`` prints."""
         return {"experiment": self.experiment, "sampled": len(self.items), "rate": self.rate,
-                "counts": self.counts, "audit_run_id": self.audit_run_id,
+                "counts": self.counts, "audit_run_id": self.audit_run_id, "log_error": self.log_error,
                 "runs": [item.__dict__ for item in self.items]}
 
 
@@ -97,6 +98,8 @@ def _replay_one(run_id: str, options: dict[str, Any]) -> AuditItem:
         report = replay(run_id, **options)
     except ReproTrackError as exc:
         return AuditItem(run_id, None, "error", False, error=str(exc))
+    except Exception as exc:  # an unexpected failure is this run's error; the audit goes on
+        return AuditItem(run_id, None, "error", False, error=f"{type(exc).__name__}: {exc}")
     observed = report.observed or NOT_RERUN
     return AuditItem(run_id, report.expected, observed, report.ok, report.replay_run_id)
 
@@ -121,7 +124,10 @@ def audit(experiment: str, *, tracking_uri: str | None = None, sample: int | Non
                      f"observed {item.observed}" + (f" ({item.error})" if item.error else ""))
     report = AuditReport(experiment, items)
     if log:
-        report = AuditReport(experiment, items, _log(client, experiment_id, report))
+        try:
+            report = AuditReport(experiment, items, _log(client, experiment_id, report))
+        except Exception as exc:  # the replays' results are returned even if the summary run is not
+            report = AuditReport(experiment, items, log_error=f"{type(exc).__name__}: {exc}")
     return report
 
 

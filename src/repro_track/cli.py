@@ -289,32 +289,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
                       + (f": {item.error}" if item.error else ""))
         if report.audit_run_id:
             print(f"audit run {report.audit_run_id}")
+        if report.log_error:
+            print(f"repro-track: the audit run could not be logged: {report.log_error}", file=sys.stderr)
     return 0 if all(item.ok for item in report.items) else 1
 
 
 # ---------------------------------------------------------------- sync
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from . import spool, store
+    from .delivery import sync
 
-    client = store.client_for(args.tracking_uri)
-    uploaded = failed = 0
-    for entry in spool.pending():
-        if args.tracking_uri is None and entry.meta.get("tracking_uri"):
-            target = store.client_for(entry.meta["tracking_uri"])
-        else:
-            target = client
-        try:
-            run_id = store.upload(target, entry, dedupe=True)
-        except Exception as exc:
-            failed += 1
-            print(f"repro-track: could not upload {entry.path.name}: {exc}", file=sys.stderr)
-            continue
-        spool.delivered(entry)
-        uploaded += 1
-        print(f"{entry.recording_id} -> run {run_id}")
-    print(f"uploaded {uploaded}, failed {failed}", file=sys.stderr)
-    return 0 if failed == 0 else 1
+    report = sync(args.tracking_uri)
+    if args.json:
+        print(json.dumps(report.to_dict(), sort_keys=True))
+        return 0 if not report.failed else 1
+    for item in report.uploaded:
+        print(f"{item['recording_id']} -> run {item['run_id']}")
+    for item in report.failed:
+        print(f"repro-track: could not upload {item['recording_id']}: {item['error']}", file=sys.stderr)
+    skipped = f", skipped {len(report.skipped)} (another process is uploading them)" if report.skipped else ""
+    print(f"uploaded {len(report.uploaded)}, failed {len(report.failed)}{skipped}", file=sys.stderr)
+    return 0 if not report.failed else 1
 
 
 # ---------------------------------------------------------------- keygen
@@ -429,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="upload recordings spooled while MLflow was unreachable")
     p.add_argument("--tracking-uri", help="upload here instead of where each recording was going")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: uploaded, failed and skipped recordings")
     p.set_defaults(func=cmd_sync)
     return parser
 

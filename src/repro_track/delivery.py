@@ -1,45 +1,207 @@
-"""Delivery: stage a recording in the spool, upload it under a deadline, report where it went.
+"""Delivery: stage a recording in the spool, then upload it behind the caller's work, exactly once.
 
-If the server is down, slow or fails midway, the recording stays spooled and the call returns; the
-MLflow writes themselves live in ``store``.
+One protocol for every upload: an entry is *claimed* (``spool``) before anything is sent, the upload
+looks for an earlier interrupted one by recording id and finishes it (``store.upload``), and only then
+is the entry removed. The recording process's worker, ``repro-track sync`` and a process that comes
+after a crash all go through :func:`deliver_claimed`.
+
+Each process has one delivery worker with a bounded queue. A call stages its recording (crash-safe,
+on disk), hands it to the worker and returns; when the queue is full the call waits for room instead
+of piling up. :func:`flush` waits for the queue; an exit handler does so with a bounded wait and
+leaves the rest in the spool for ``sync``. ``REPRO_TRACK_DELIVERY=sync`` makes each call wait for its
+own upload (up to ``REPRO_TRACK_LOG_TIMEOUT``), so the run exists when the call returns.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import queue
 import threading
+import time
 import uuid
 import warnings
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import settings, spool
 from .context import ParentRun
-from .errors import StoreError
-from .manifest import Manifest
+from .manifest import Manifest, validate
 from .records import Recording, RecordingWarning, RecordOptions, RecordOutcome
 from .store import client_for, probe, resolve_tracking_uri, upload
+from .tags import MANIFEST_PATH
 
 
-def _upload_owned(client_factory: Callable[[], Any], entry: spool.SpoolEntry) -> dict[str, Any]:
-    """Upload in a worker thread that also settles the spool entry, however late it finishes.
+# ---------------------------------------------------------------- the one upload path
 
-    While the worker runs, the entry stays owned by this (live) process, so ``repro-track sync``
-    leaves it alone: a slow upload and a sync can never both create the run.
+def deliver_claimed(entry: spool.SpoolEntry, uri: str, clients: dict[str, Any]) -> str:
+    """Upload a claimed spool entry to ``uri`` and remove it; on any failure release it for a later
+    sync and raise. Returns the run id. The manifest is validated here, off the recording call's path.
+
+    ``clients`` caches one MlflowClient per tracking URI for the caller.
     """
-    box: dict[str, Any] = {"done": threading.Event()}
+    try:
+        client = clients.get(uri) or clients.setdefault(uri, client_for(uri))
+        probe(uri)
+        validate(json.loads((entry.artifacts / MANIFEST_PATH).read_text("utf-8")))
+        run_id = upload(client, entry)
+    except BaseException as exc:
+        spool.release(entry, repr(exc))
+        raise
+    spool.delivered(entry)
+    return run_id
 
-    def target() -> None:
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one ``repro-track sync`` did: uploaded, failed, and skipped (claimed by another process)."""
+
+    uploaded: list[dict[str, str]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    roots: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object ``sync --json`` prints."""
+        return {"uploaded": self.uploaded, "failed": self.failed, "skipped": self.skipped,
+                "spool": self.roots}
+
+
+def sync(tracking_uri: str | None = None) -> SyncReport:
+    """Upload every unclaimed spooled recording, each exactly once, to where it was going (or to
+    ``tracking_uri``). Entries another process is uploading are skipped, not waited for."""
+    report = SyncReport(roots=[str(root) for root in spool.roots()])
+    clients: dict[str, Any] = {}
+    for listed in spool.pending():
+        entry = spool.claim(listed)
+        if entry is None:
+            report.skipped.append(listed.path.name)
+            continue
+        uri = resolve_tracking_uri(tracking_uri or entry.meta.get("tracking_uri"))
         try:
-            box["run_id"] = upload(client_factory(), entry)
-            spool.delivered(entry)
-        except BaseException as exc:  # reported to the caller's thread if it still waits
-            box["error"] = exc
-            spool.release(entry, repr(exc))
-        finally:
-            box["done"].set()
+            run_id = deliver_claimed(entry, uri, clients)
+        except Exception as exc:
+            report.failed.append({"recording_id": entry.recording_id, "path": str(entry.path),
+                                  "error": str(exc) or repr(exc)})
+            continue
+        report.uploaded.append({"recording_id": entry.recording_id, "run_id": run_id,
+                                "tracking_uri": uri})
+    return report
 
-    threading.Thread(target=target, name="repro-track-upload", daemon=True).start()
-    return box
 
+# ---------------------------------------------------------------- the worker
+
+@dataclass
+class _Job:
+    entry: spool.SpoolEntry
+    outcome: RecordOutcome
+    announce: bool  # warn from the worker if it fails (background); sync-mode callers warn themselves
+
+
+class _Worker:
+    """One thread uploading staged recordings in order; a bounded queue gives back-pressure."""
+
+    def __init__(self, bound: int):
+        self._queue: queue.Queue[_Job] = queue.Queue(maxsize=max(1, bound))
+        self._idle = threading.Condition()
+        self._unfinished = 0
+        self._clients: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, name="repro-track-delivery", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        """Queue a job; waits while the queue is full."""
+        with self._idle:
+            self._unfinished += 1
+        self._queue.put(job)
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait until every submitted job is settled; False if ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._unfinished:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    @property
+    def unfinished(self) -> int:
+        """Jobs submitted and not yet settled."""
+        with self._idle:
+            return self._unfinished
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                self._deliver(job)
+            except BaseException as exc:  # never let one job end the worker or leave a caller waiting
+                if not job.outcome.done:
+                    job.outcome.settle(error=repr(exc))
+            finally:
+                with self._idle:
+                    self._unfinished -= 1
+                    self._idle.notify_all()
+
+    def _deliver(self, job: _Job) -> None:
+        uri = job.outcome.tracking_uri
+        try:
+            run_id = deliver_claimed(job.entry, uri, self._clients)
+        except Exception as exc:
+            job.outcome.settle(error=str(exc) or repr(exc))
+            if job.announce:
+                _warn_spooled(uri, job.entry, job.outcome.error or "", stacklevel=1)
+            return
+        job.outcome.settle(run_id=run_id)
+
+
+_lock = threading.Lock()
+_worker_now: _Worker | None = None
+
+
+def _worker() -> _Worker:
+    global _worker_now
+    with _lock:
+        if _worker_now is None:
+            _worker_now = _Worker(settings.QUEUE_SIZE.get())
+        return _worker_now
+
+
+def _forget_worker() -> None:
+    # A forked child has no worker thread; it starts its own on its first recording.
+    global _worker_now, _lock
+    _worker_now, _lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker)
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Wait for this process's pending uploads; True when all are settled (uploaded or spooled).
+
+    ``timeout`` in seconds (None: no limit). A recording whose upload failed is settled too: it
+    waits in the spool for ``repro-track sync``.
+    """
+    worker = _worker_now
+    return True if worker is None else worker.flush(timeout)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    worker = _worker_now
+    if worker is None or worker.flush(settings.EXIT_TIMEOUT.get()):
+        return
+    message = (f"repro-track: {worker.unfinished} recording(s) were not uploaded before the process "
+               f"ended (waited {settings.EXIT_TIMEOUT.get():g} s, {settings.EXIT_TIMEOUT.name}); they stay "
+               f"in {settings.spool_dir()}; upload them with `repro-track sync`.")
+    warnings.warn(message, RecordingWarning, stacklevel=1)
+
+
+# ---------------------------------------------------------------- a call's recording
 
 def _parent_run(uri: str, group: ParentRun | None) -> tuple[str | None, str | None]:
     """The enclosing repro_track.parent_run, else the caller's active MLflow run (read only),
@@ -54,14 +216,20 @@ def _parent_run(uri: str, group: ParentRun | None) -> tuple[str | None, str | No
     return active.info.run_id, active.info.experiment_id
 
 
+def _mode() -> str:
+    try:
+        return settings.DELIVERY.get()
+    except ValueError as exc:  # a mistyped setting must not lose the recording; waiting is the safe reading
+        warnings.warn(f"{exc}; delivering synchronously", RecordingWarning, stacklevel=4)
+        return "sync"
+
+
 def deliver(recording: Recording, options: RecordOptions, *, parent: ParentRun | None = None,
             extra_tags: dict[str, str] | None = None) -> RecordOutcome:
-    """Stage in the spool, upload under a deadline, and report where the recording went.
+    """Stage in the spool and hand to the delivery worker; in sync mode, wait for the upload.
 
     ``parent`` is the caller's ``repro_track.parent_run`` context, passed down by the recorder.
     """
-    import os
-
     uri = resolve_tracking_uri(options.tracking_uri)
     parent_id, parent_experiment = _parent_run(uri, parent)
     experiment = options.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
@@ -74,39 +242,32 @@ def deliver(recording: Recording, options: RecordOptions, *, parent: ParentRun |
         "tags": {**options.tags, **(extra_tags or {})},
         "parent_run_id": parent_id,
     }
-    if meta["parent_experiment_id"]:
-        meta["experiment"] = _experiment_name(uri, parent_experiment) or meta["experiment"]
-    entry = spool.create(recording, meta)
-    digest = recording.manifest.digest
-    try:
-        probe(uri)
-    except StoreError as exc:
-        spool.release(entry, repr(exc))
-        return _spooled(uri, entry, digest, str(exc))
-    box = _upload_owned(lambda: client_for(uri), entry)
+    entry = spool.create(recording, meta, validate=False)
+    outcome = RecordOutcome(None, uri, entry.path, recording.manifest.digest,
+                            recording_id=entry.recording_id, pending=True)
+    waits = _mode() == "sync"
+    job = _Job(entry, outcome, announce=not waits)
+    _worker().submit(job)
+    if not waits:
+        return outcome
     seconds = settings.LOG_TIMEOUT.get()
-    if not box["done"].wait(seconds):
-        return _spooled(uri, entry, digest,
-                        f"logging took longer than {seconds:.0f} s (set {settings.LOG_TIMEOUT.name} to "
-                        "wait longer); it goes on in the background", background=True)
-    if "error" in box:
-        return _spooled(uri, entry, digest, str(box["error"]))
-    return RecordOutcome(box["run_id"], uri, None, digest)
+    outcome.wait(seconds)
+    if not outcome.done:
+        job.announce = True
+        _warn_spooled(uri, entry, f"logging took longer than {seconds:.0f} s (set "
+                      f"{settings.LOG_TIMEOUT.name} to wait longer); it goes on in the background",
+                      background=True)
+    elif outcome.error:
+        _warn_spooled(uri, entry, outcome.error)
+    return outcome
 
 
-def _spooled(uri: str, entry: spool.SpoolEntry, digest: str, problem: str,
-             background: bool = False) -> RecordOutcome:
+def _warn_spooled(uri: str, entry: spool.SpoolEntry, problem: str, background: bool = False,
+                  stacklevel: int = 6) -> None:
+    # 6 points at the user's call: _warn_spooled <- deliver <- _log <- __call__ <- wrapper <- caller.
     where = ("stays in " if background else "is kept in ") + str(entry.path)
     warnings.warn(f"repro-track could not log to MLflow at {uri}: {problem}. The recording {where}; "
-                  "upload it later with `repro-track sync`.", RecordingWarning, stacklevel=6)
-    return RecordOutcome(None, uri, entry.path, digest, problem)
-
-
-def _experiment_name(uri: str, experiment_id: str) -> str | None:
-    try:
-        return client_for(uri).get_experiment(experiment_id).name
-    except Exception:
-        return None
+                  "upload it later with `repro-track sync`.", RecordingWarning, stacklevel=stacklevel)
 
 
 def _default_run_name(manifest: Manifest) -> str:

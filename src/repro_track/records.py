@@ -6,6 +6,7 @@ recorder: options in, a staged recording through, an outcome back.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,12 +41,60 @@ class Recording:
     git_diff: str | None
 
 
-@dataclass(frozen=True)
 class RecordOutcome:
-    """Where one recording went: an MLflow run, or the spool folder when MLflow was unreachable."""
+    """Where one recording went: known at once by its recording id, later by its MLflow run.
 
-    run_id: str | None
-    tracking_uri: str
-    spool_path: Path | None
-    manifest_digest: str | None
-    error: str | None = None
+    MLflow chooses run ids itself, so with background delivery ``run_id`` is ``None`` until the
+    upload is done; :meth:`wait` blocks until then and returns it. If the upload fails, ``error``
+    says why and ``spool_path`` is where the recording waits for ``repro-track sync``. Not a frozen
+    record: the delivery worker settles it once, after the call has returned.
+    """
+
+    def __init__(self, run_id: str | None, tracking_uri: str, spool_path: Path | None,
+                 manifest_digest: str | None, error: str | None = None, *,
+                 recording_id: str | None = None, pending: bool = False):
+        self.tracking_uri = tracking_uri
+        self.manifest_digest = manifest_digest
+        self.recording_id = recording_id
+        self._run_id, self._spool_path, self._error = run_id, spool_path, error
+        self._settled = threading.Event()
+        if not pending:
+            self._settled.set()
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id once the upload is done; None while pending or when it failed."""
+        return self._run_id
+
+    @property
+    def spool_path(self) -> Path | None:
+        """The spool folder holding the recording while it is not (yet) uploaded."""
+        return self._spool_path
+
+    @property
+    def error(self) -> str | None:
+        """Why the upload failed (the recording then stays in the spool)."""
+        return self._error
+
+    @property
+    def done(self) -> bool:
+        """Whether delivery has settled: uploaded, or left in the spool with an error."""
+        return self._settled.is_set()
+
+    def wait(self, timeout: float | None = None) -> str | None:
+        """Wait up to ``timeout`` seconds (None: no limit) for the upload; the run id, else None."""
+        self._settled.wait(timeout)
+        return self._run_id
+
+    def settle(self, run_id: str | None = None, error: str | None = None) -> None:
+        """Record how delivery ended (called once, by delivery)."""
+        self._run_id, self._error = run_id, error
+        if run_id is not None:
+            self._spool_path = None
+        self._settled.set()
+
+    def __repr__(self) -> str:
+        state = "uploaded" if self._run_id else ("failed" if self._error else
+                                                 "settled" if self.done else "pending")
+        return (f"RecordOutcome(recording_id={self.recording_id!r}, run_id={self._run_id!r}, "
+                f"state={state!r}, tracking_uri={self.tracking_uri!r})")

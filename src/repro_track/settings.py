@@ -63,17 +63,26 @@ MAX_INPUT_BYTES = Setting(
     "Largest tensor/array argument saved with a run so it can be replayed.",
 )
 DEBUG = Setting("REPRO_TRACK_DEBUG", _bool, False, "Show full tracebacks from the CLI.")
-SIGNING_KEY = Setting(
-    "REPRO_TRACK_SIGNING_KEY", Path, None,  # type: ignore[arg-type]
-    "PEM file of an Ed25519 private key: every recording is signed with it (`repro-track keygen`).",
+
+
+def _delivery(raw: str) -> str:
+    if raw.lower() not in ("sync", "background"):
+        raise ValueError("expected sync or background")
+    return raw.lower()
+
+
+DELIVERY = Setting(
+    "REPRO_TRACK_DELIVERY", _delivery, "background",
+    "background: a call stages its recording and returns while a worker uploads it; sync: the call "
+    f"waits for the upload (up to {LOG_TIMEOUT.name}) so the run exists when it returns.",
 )
-TRUSTED_KEYS = Setting(
-    "REPRO_TRACK_TRUSTED_KEYS", Path, None,  # type: ignore[arg-type]
-    "A file of PEM Ed25519 public keys, or a folder of such files: signatures they verify are trusted.",
+QUEUE_SIZE = Setting(
+    "REPRO_TRACK_QUEUE_SIZE", int, 64,
+    "Staged recordings waiting for the delivery worker before a call waits for room (back-pressure).",
 )
-REQUIRE_SIGNED = Setting(
-    "REPRO_TRACK_REQUIRE_SIGNED", _bool, False,
-    "Replay only runs signed by a trusted key (as `repro-track replay --require-signed`).",
+EXIT_TIMEOUT = Setting(
+    "REPRO_TRACK_EXIT_TIMEOUT", float, 30.0,
+    "Seconds the exit handler waits for pending uploads; what is left stays spooled for `repro-track sync`.",
 )
 
 
@@ -88,6 +97,18 @@ REPLAY_TIMEOUT = Setting(
     "REPRO_TRACK_REPLAY_TIMEOUT", _seconds, 3 * 3600.0,  # type: ignore[arg-type]
     "Seconds a replay's child process may run before it is ended and the replay is unverified "
     "(0: no limit). Generous by default: a CPU-only generation can take an hour.",
+)
+SIGNING_KEY = Setting(
+    "REPRO_TRACK_SIGNING_KEY", Path, None,  # type: ignore[arg-type]
+    "PEM file of an Ed25519 private key: every recording is signed with it (`repro-track keygen`).",
+)
+TRUSTED_KEYS = Setting(
+    "REPRO_TRACK_TRUSTED_KEYS", Path, None,  # type: ignore[arg-type]
+    "A file of PEM Ed25519 public keys, or a folder of such files: signatures they verify are trusted.",
+)
+REQUIRE_SIGNED = Setting(
+    "REPRO_TRACK_REQUIRE_SIGNED", _bool, False,
+    "Replay only runs signed by a trusted key (as `repro-track replay --require-signed`).",
 )
 
 

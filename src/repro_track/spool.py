@@ -1,35 +1,52 @@
 """The local spool: recordings wait here until MLflow has them, so nothing is ever lost.
 
 Every recording is staged in ``<spool>/<recording id>/`` first (``artifacts/`` as uploaded, plus
-``meta.json`` saying where it was going). A live process holds an ``owner`` file with its pid while it
-uploads; after a successful upload the folder is removed. What stays is what failed: ``repro-track
-sync`` uploads it later, exactly once (runs carry the recording id as the ``repro.spool_id`` tag).
+``meta.json`` saying where it was going, written last). Whoever uploads an entry first *claims* it: an
+exclusive ``filelock`` on ``<entry>/claim.lock``. The recording process holds the claim from staging
+until its delivery worker is done; ``repro-track sync`` claims without waiting and skips what another
+process holds. The kernel drops a claim when its process dies (even by SIGKILL), so a killed
+process's recordings become claimable at once. After a successful upload the entry is renamed out of
+sight and removed; what stays is what failed, for ``sync`` (runs carry the recording id as the
+``repro.spool_id`` tag, so an interrupted upload is found and finished, never repeated).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import outputs, settings
+from .errors import StoreError
 from .tags import (ARTIFACT_DIR, GIT_DIFF_FILE, IMAGES_DIR, INPUTS_FILE, MANIFEST_FILE, OUTPUTS_FILE,
                    REQUIREMENTS_FILE)
 
+log = logging.getLogger(__name__)
 META_FILE = "meta.json"
-OWNER_FILE = "owner"
+CLAIM_FILE = "claim.lock"
+_TRASH_PREFIX = ".delivered-"
+_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: also safe inside the store's search filter
 
 
 @dataclass(frozen=True)
 class SpoolEntry:
-    """One staged recording: its folder, where its artifacts are, and where it was going."""
+    """One staged recording: its folder, where its artifacts are, and where it was going.
+
+    ``fresh`` marks an entry this process has just staged: nobody can have uploaded any of it, so the
+    upload need not look for an earlier, interrupted one. ``claim`` is the held lock, if any.
+    """
 
     path: Path
     meta: dict[str, Any]
+    fresh: bool = False
+    claim: Any = field(default=None, compare=False, repr=False)
 
     @property
     def artifacts(self) -> Path:
@@ -42,11 +59,11 @@ class SpoolEntry:
         return self.meta["recording_id"]
 
 
-def stage(recording: Any, artifacts: Path, *, images: bool = True) -> None:
+def stage(recording: Any, artifacts: Path, *, images: bool = True, validate: bool = True) -> None:
     """Write a recording's artifact tree: repro/{manifest,outputs,inputs,requirements,git.diff}, images/."""
     repro = artifacts / ARTIFACT_DIR
     repro.mkdir(parents=True, exist_ok=True)
-    (repro / MANIFEST_FILE).write_text(recording.manifest.to_json(), "utf-8")
+    (repro / MANIFEST_FILE).write_text(recording.manifest.to_json(validate=validate), "utf-8")
     if recording.outputs:
         outputs.save_arrays(recording.outputs, repro / OUTPUTS_FILE)
     if recording.inputs:
@@ -63,27 +80,89 @@ def stage(recording: Any, artifacts: Path, *, images: bool = True) -> None:
     sign_staged(artifacts, recording.manifest.digest)
 
 
+def fallback_root() -> Path:
+    """Where recordings go when the spool folder is not writable; ``sync`` reads it too."""
+    uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"repro-track-spool-{uid}"
+
+
+def roots() -> list[Path]:
+    """Every folder ``sync`` reads: the configured spool, then the fallback (when different)."""
+    configured = settings.spool_dir()
+    fallback = fallback_root()
+    if fallback == configured or not _ours(fallback):
+        return [configured]
+    return [configured, fallback]
+
+
+def _ours(folder: Path) -> bool:
+    # A shared temp folder: never upload what another account planted under the fallback's name.
+    try:
+        return not hasattr(os, "getuid") or folder.stat().st_uid == os.getuid()
+    except OSError:
+        return False
+
+
 def _writable_root() -> Path:
     root = settings.spool_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
         return root
-    except OSError:
-        fallback = Path(tempfile.gettempdir()) / "repro-track-spool"
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+    except OSError as exc:
+        problem = exc
+    fallback = fallback_root()
+    try:
+        fallback.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"the recording could not be kept: neither the spool {root} ({problem}) nor "
+                         f"{fallback} ({exc}) is writable; set {settings.SPOOL_DIR.name} to a writable "
+                         "folder") from None
+    if not _ours(fallback):
+        raise StoreError(f"the recording could not be kept: the spool {root} is not writable ({problem}) "
+                         f"and the fallback {fallback} belongs to another user; set "
+                         f"{settings.SPOOL_DIR.name} to a writable folder")
+    log.warning("spool %s is not writable (%s); keeping recordings in %s, which `repro-track sync` "
+                "also reads", root, problem, fallback)
+    return fallback
 
 
-def create(recording: Any, meta: dict[str, Any]) -> SpoolEntry:
-    """Stage a recording in the spool, owned by this process until released or delivered."""
+def _lock(path: Path) -> Any:
+    from filelock import FileLock
+
+    # thread_local=False: the call's thread takes the claim and the delivery worker releases it.
+    return FileLock(str(path / CLAIM_FILE), timeout=0, thread_local=False)
+
+
+def _try_claim(path: Path) -> Any:
+    """The held lock on an entry, or None when another process holds it or the entry is gone."""
+    from filelock import Timeout
+
+    lock = _lock(path)
+    try:
+        lock.acquire()
+    except (Timeout, FileNotFoundError, NotADirectoryError):
+        return None
+    if not (path / META_FILE).is_file():  # delivered (or never finished staging) while we waited
+        lock.release()
+        return None
+    return lock
+
+
+def create(recording: Any, meta: dict[str, Any], *, validate: bool = True) -> SpoolEntry:
+    """Stage a recording in the spool, claimed by this process until delivered or released.
+
+    ``validate=False`` leaves the schema check of the manifest to the upload (off the call path).
+    """
     path = _writable_root() / meta["recording_id"]
     path.mkdir(parents=True, exist_ok=False)
-    (path / OWNER_FILE).write_text(str(os.getpid()), "utf-8")
-    entry = SpoolEntry(path, meta)
+    lock = _lock(path)
+    lock.acquire()  # a new folder: nobody else can hold it yet
+    entry = SpoolEntry(path, meta, fresh=True, claim=lock)
     try:
-        stage(recording, entry.artifacts)
+        stage(recording, entry.artifacts, validate=validate)
         _write_meta(entry)
     except BaseException:
+        lock.release()
         shutil.rmtree(path, ignore_errors=True)  # a half-staged entry would never be synced
         raise
     return entry
@@ -96,41 +175,78 @@ def _write_meta(entry: SpoolEntry) -> None:
 
 
 def delivered(entry: SpoolEntry) -> None:
-    """The upload succeeded: the spool copy is no longer needed."""
-    shutil.rmtree(entry.path, ignore_errors=True)
+    """The upload succeeded: the spool copy is no longer needed (removed before the claim ends)."""
+    trash = entry.path.with_name(f"{_TRASH_PREFIX}{entry.path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(entry.path, trash)  # atomic: no other process can claim it from here on
+    except OSError:
+        trash = entry.path
+    shutil.rmtree(trash, ignore_errors=True)
+    _unclaim(entry)
 
 
 def release(entry: SpoolEntry, error: str) -> None:
     """The upload failed: leave the entry for ``repro-track sync``, noting why."""
     entry.meta["last_error"] = error[:2000]
-    _write_meta(entry)
-    (entry.path / OWNER_FILE).unlink(missing_ok=True)
-
-
-def _owner_alive(path: Path) -> bool:
     try:
-        pid = int((path / OWNER_FILE).read_text())
+        _write_meta(entry)
+    except OSError:  # the folder went away; nothing left to keep
+        log.debug("could not note the error in %s", entry.path, exc_info=True)
+    finally:
+        _unclaim(entry)
+
+
+def _unclaim(entry: SpoolEntry) -> None:
+    if entry.claim is not None and entry.claim.is_locked:
+        entry.claim.release()
+
+
+def claim(entry: SpoolEntry) -> SpoolEntry | None:
+    """Claim a listed entry for upload (fresh meta, read under the lock); None if another has it."""
+    lock = _try_claim(entry.path)
+    if lock is None:
+        return None
+    try:
+        meta = json.loads((entry.path / META_FILE).read_text("utf-8"))
     except (OSError, ValueError):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("recording_id") != entry.path.name:
+        lock.release()
+        return None
+    return SpoolEntry(entry.path, meta, fresh=False, claim=lock)
+
+
+def _claimed_elsewhere(path: Path) -> bool:
+    lock = _try_claim(path)
+    if lock is None:
         return True
-    return True
+    lock.release()
+    return False
 
 
 def pending(root: Path | None = None) -> Iterator[SpoolEntry]:
-    """Spooled recordings waiting for upload, oldest first (skips ones a live process still owns)."""
-    root = root or settings.spool_dir()
-    if not root.is_dir():
-        return
-    for path in sorted(root.iterdir(), key=lambda p: p.stat().st_mtime):
-        if not (path / META_FILE).is_file() or _owner_alive(path):
+    """Spooled recordings waiting for upload, oldest first, in every spool root (or just ``root``).
+
+    Entries a live process has claimed (its delivery worker, or another sync) are skipped. Listing
+    claims nothing: use :func:`claim` before uploading.
+    """
+    for folder in [root] if root else roots():
+        if not folder.is_dir():
             continue
-        try:
-            meta = json.loads((path / META_FILE).read_text("utf-8"))
-        except (OSError, ValueError):
-            continue
-        yield SpoolEntry(path, meta)
+        paths = [p for p in folder.iterdir() if _ID.fullmatch(p.name) and (p / META_FILE).is_file()]
+        for path in sorted(paths, key=_mtime):
+            if _claimed_elsewhere(path):
+                continue
+            try:
+                meta = json.loads((path / META_FILE).read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and meta.get("recording_id") == path.name:
+                yield SpoolEntry(path, meta)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

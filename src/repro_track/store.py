@@ -217,29 +217,42 @@ def _ms(iso: str) -> int:
     return int(dt.datetime.fromisoformat(iso).timestamp() * 1000)
 
 
-def upload(client: Any, entry: spool.SpoolEntry, *, dedupe: bool = False) -> str:
-    """Create the run for a staged recording and log everything; returns the run id."""
+def upload(client: Any, entry: spool.SpoolEntry) -> str:
+    """Log a claimed, staged recording as one run and finish it; returns the run id.
+
+    Exactly once per recording id: unless the entry was staged by this process just now (``fresh``),
+    the store is searched first. A finished run means an earlier upload completed (its spool entry
+    just was not removed); a RUNNING one is an upload interrupted midway, which is adopted and
+    completed. No run is ever deleted.
+    """
     meta = entry.meta
     m = json.loads((entry.artifacts / tags.MANIFEST_PATH).read_text("utf-8"))
-    experiment_id = experiment_id_for(client, meta["experiment"])
+    experiment_id = _experiment_of(client, meta)
     try:
-        return _upload(client, entry, m, experiment_id, dedupe)
+        found = None if entry.fresh else find_recording(client, experiment_id, entry.recording_id)
+        if found is not None and found.info.status != "RUNNING":
+            return found.info.run_id
+        return _upload(client, entry, m, experiment_id, found)
     except Exception:
         forget_experiment(client, meta["experiment"])
         raise
 
 
+def _experiment_of(client: Any, meta: dict[str, Any]) -> str:
+    # Inside a parent run of the same store, the recording joins the parent's experiment.
+    parent_experiment = meta.get("parent_experiment_id")
+    if parent_experiment and meta.get("tracking_uri") == client.tracking_uri:
+        return parent_experiment
+    return experiment_id_for(client, meta["experiment"])
+
+
 def _upload(client: Any, entry: spool.SpoolEntry, m: dict[str, Any], experiment_id: str,
-            dedupe: bool) -> str:
+            adopted: Any = None) -> str:
     from mlflow.entities import Param, RunTag
 
     from .card import record_card
 
     meta = entry.meta
-    if dedupe:
-        done = find_recording(client, experiment_id, entry.recording_id)
-        if done is not None:
-            return done
     run_tags_ = {**run_tags(m, m["manifest_digest"]), **meta.get("tags", {}),
                  tags.SPOOL_ID: entry.recording_id}
     if meta.get("parent_run_id"):
@@ -247,15 +260,23 @@ def _upload(client: Any, entry: spool.SpoolEntry, m: dict[str, Any], experiment_
     signature = signing.check_tree(entry.artifacts)
     if signature.signed and signature.key_id:
         run_tags_[tags.SIGNED_BY] = signature.key_id
-    run = _retry(lambda: client.create_run(experiment_id, start_time=_ms(m["call"]["started_at"]),
-                                           tags=run_tags_, run_name=meta.get("run_name")))
+    if adopted is None:
+        run = _retry(lambda: client.create_run(experiment_id, start_time=_ms(m["call"]["started_at"]),
+                                               tags=run_tags_, run_name=meta.get("run_name")))
+    else:
+        run = adopted
     run_id = run.info.run_id
     images = sorted(p.relative_to(entry.artifacts).as_posix()
                     for p in (entry.artifacts / tags.IMAGES_DIR).glob("*.png"))
     card = meta.get("card") or record_card(m, run_id, images=images, signature=signature)
-    params = [Param(k, v) for k, v in sorted(run_params(m).items())]
+    logged = run.data.params if adopted is not None else {}
+    params = [Param(k, v) for k, v in sorted(run_params(m).items()) if k not in logged]
     metrics = _metrics(m, meta.get("metrics", {}), _ms(m["call"]["ended_at"]))
+    if adopted is not None and run.data.metrics:
+        metrics = []  # logged before the interruption; logging again would double their history
     note = [RunTag(tags.MLFLOW_NOTE, card.replace("{run_id}", run_id))]
+    if adopted is not None:  # create_run set the tags atomically, but set them again to be sure
+        note += [RunTag(k, v) for k, v in run_tags_.items()]
     for start in range(0, max(len(params), 1), _BATCH_PARAMS):
         chunk = params[start:start + _BATCH_PARAMS]
         _retry(lambda: client.log_batch(run_id, metrics=metrics if start == 0 else [], params=chunk,
@@ -287,15 +308,17 @@ def set_terminated(client: Any, run_id: str, status: str, end_ms: int) -> None:
             os.environ.pop(_SUPPRESS_URL, None)
 
 
-def find_recording(client: Any, experiment_id: str, recording_id: str) -> str | None:
-    """The complete run holding a recording id, if one exists; partial ones are deleted."""
+def find_recording(client: Any, experiment_id: str, recording_id: str) -> Any | None:
+    """The run holding a recording id, if any: a finished one first, else the oldest in progress.
+
+    Nothing is deleted: a run in progress is an interrupted upload that the caller, holding the
+    recording's spool claim, adopts and finishes.
+    """
     runs = _retry(lambda: client.search_runs(
-        [experiment_id], filter_string=f"tags.`{tags.SPOOL_ID}` = '{recording_id}'", max_results=10))
-    for run in runs:
-        if run.info.status in ("FINISHED", "FAILED"):
-            return run.info.run_id
-        client.delete_run(run.info.run_id)  # a partial upload: start over
-    return None
+        [experiment_id], filter_string=f"tags.`{tags.SPOOL_ID}` = '{recording_id}'", max_results=10,
+        order_by=["attributes.start_time ASC"]))
+    done = [run for run in runs if run.info.status != "RUNNING"]
+    return (done or list(runs) or [None])[0]
 
 
 def add_replay_link(client: Any, original: LoadedRun, replay_run_id: str, summary: str) -> None:

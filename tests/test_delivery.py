@@ -1,0 +1,419 @@
+"""Delivery: claimed spool entries, exactly-once sync, background uploads, flush and the exit handler."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import repro_track
+from repro_track import spool, store, tags
+
+from conftest import free_port, run_cli, run_script
+
+# A `repro-track` CLI whose uploads are slowed (and announced in a marker file) just before the
+# artifacts go up: the run then exists, RUNNING, for SLOW seconds, so other processes overlap it.
+SLOW_CLI = '''
+import os, sys, time
+from mlflow.tracking import MlflowClient
+
+_log_artifacts = MlflowClient.log_artifacts
+
+
+def slow(self, run_id, local_dir, artifact_path=None):
+    with open(os.environ["MARKER"], "a") as marker:
+        marker.write(run_id + "\\n")
+    time.sleep(float(os.environ["SLOW"]))
+    return _log_artifacts(self, run_id, local_dir, artifact_path)
+
+
+MlflowClient.log_artifacts = slow
+from repro_track.cli import main
+
+sys.exit(main(sys.argv[1:]))
+'''
+
+# Records `count` calls with background delivery (uploads slowed as above), then acts: "kill"
+# (SIGKILL right after the last call returns), "exit" (a normal exit) or "flush".
+RECORDER = '''
+import os, signal, sys, time
+import numpy as np
+from mlflow.tracking import MlflowClient
+import repro_track
+
+_log_artifacts = MlflowClient.log_artifacts
+
+
+def slow(self, run_id, local_dir, artifact_path=None):
+    time.sleep(float(os.environ["SLOW"]))
+    return _log_artifacts(self, run_id, local_dir, artifact_path)
+
+
+MlflowClient.log_artifacts = slow
+
+
+@repro_track.record(experiment="bg")
+def make(index):
+    return np.full(4, index, dtype=np.float32)
+
+
+count, action = int(sys.argv[1]), sys.argv[2]
+for i in range(count):
+    make(i)
+    print(repro_track.last_recording(make).recording_id, flush=True)
+if action == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+if action == "flush":
+    print("flushed", repro_track.flush(120), flush=True)
+'''
+
+
+def _runs(uri: str, experiment: str) -> list[Any]:
+    client = store.client_for(uri)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)
+
+
+def _env(uri: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "REPRO_TRACK_SPOOL_DIR": str(tmp_path / "spool"),
+            **extra}
+
+
+@pytest.fixture
+def spooled(migrated_store: str) -> list[str]:
+    """20 real recordings waiting in the spool (their server was down); their recording ids."""
+    import numpy as np
+
+    @repro_track.record(experiment="sync", tracking_uri=f"http://127.0.0.1:{free_port()}")
+    def make(index: int) -> Any:
+        return np.full(3, index, dtype=np.float32)
+
+    ids = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", repro_track.RecordingWarning)
+        for i in range(20):
+            make(i)
+            ids.append(repro_track.last_recording(make).recording_id)
+        assert repro_track.flush(120)
+    assert sorted(e.recording_id for e in spool.pending()) == sorted(ids)
+    return ids
+
+
+def _check_exactly_once(uri: str, ids: list[str], experiment: str = "sync") -> list[Any]:
+    runs = _runs(uri, experiment)
+    assert sorted(r.data.tags[tags.SPOOL_ID] for r in runs) == sorted(ids)  # each once, none missing
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(int(r.data.params["arg.index"]) for r in runs) == list(range(len(ids)))
+    return runs
+
+
+class TestClaim:
+    """A spool entry is uploaded only by the process that holds its claim."""
+
+    def test_claim_is_exclusive_until_released(self, spooled: list[str]) -> None:
+        listed = next(spool.pending())
+        first = spool.claim(listed)
+        assert first is not None and spool.claim(listed) is None
+        assert listed.recording_id not in [e.recording_id for e in spool.pending()]
+        spool.release(first, "test")
+        again = spool.claim(listed)
+        assert again is not None and again.meta["last_error"] == "test"
+        spool.release(again, "test")
+
+    def test_claim_held_by_another_process_is_skipped(self, spooled: list[str], migrated_store: str,
+                                                      tmp_path: Path) -> None:
+        path = next(spool.pending()).path
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+             "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)",
+             str(path / spool.CLAIM_FILE)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            done = run_cli("sync", "--json", "--tracking-uri", migrated_store, env=_env(migrated_store, tmp_path))
+            report = json.loads(done.stdout)
+            assert done.returncode == 0 and len(report["uploaded"]) == 19 and report["failed"] == []
+            assert path.is_dir()
+        finally:
+            holder.send_signal(signal.SIGKILL)  # the kernel drops its claim
+            holder.wait()
+        done = run_cli("sync", "--json", "--tracking-uri", migrated_store, env=_env(migrated_store, tmp_path))
+        assert len(json.loads(done.stdout)["uploaded"]) == 1
+        _check_exactly_once(migrated_store, spooled)
+
+
+class TestAdoption:
+    """An upload interrupted midway is found by its recording id, adopted and finished; none is deleted."""
+
+    def test_running_run_is_adopted(self, spooled: list[str], migrated_store: str, tmp_path: Path) -> None:
+        client = store.client_for(migrated_store)
+        entry = spool.claim(next(spool.pending()))
+        experiment_id = store.ensure_experiment(client, "sync")
+        partial = client.create_run(experiment_id, tags={tags.SPOOL_ID: entry.recording_id}).info.run_id
+        assert store.upload(client, entry) == partial
+        spool.delivered(entry)
+        assert client.get_run(partial).info.status == "FINISHED"
+        assert store.find_recording(client, experiment_id, entry.recording_id).info.run_id == partial
+
+    def test_finished_run_is_not_uploaded_again(self, spooled: list[str], migrated_store: str) -> None:
+        client = store.client_for(migrated_store)
+        entry = spool.claim(next(spool.pending()))
+        first = store.upload(client, entry)  # then the process "dies" before removing the entry
+        spool.release(entry, "killed")
+        again = spool.claim(next(e for e in spool.pending() if e.recording_id == entry.recording_id))
+        assert store.upload(client, again) == first
+        assert len(_runs(migrated_store, "sync")) == 1
+
+
+@pytest.mark.slow
+class TestConcurrentSync:
+    """Two syncs at once over 20 spooled recordings leave exactly 20 runs; each prints one JSON object."""
+
+    def test_two_syncs(self, spooled: list[str], migrated_store: str, tmp_path: Path) -> None:
+        (tmp_path / "slow_cli.py").write_text(SLOW_CLI)
+        env = _env(migrated_store, tmp_path, MARKER=str(tmp_path / "marker"), SLOW="0.2")
+        procs = [subprocess.Popen([sys.executable, str(tmp_path / "slow_cli.py"), "sync", "--json",
+                                   "--tracking-uri", migrated_store], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        results = [p.communicate(timeout=600) for p in procs]
+        reports = []
+        for proc, (out, err) in zip(procs, results):
+            assert proc.returncode == 0, err[-2000:]
+            reports.append(json.loads(out))  # the whole of stdout is one JSON object
+        uploaded = [item["recording_id"] for r in reports for item in r["uploaded"]]
+        assert sorted(uploaded) == sorted(spooled)
+        _check_exactly_once(migrated_store, spooled)
+        assert list(spool.pending()) == []
+
+    def test_sync_killed_mid_upload(self, spooled: list[str], migrated_store: str, tmp_path: Path) -> None:
+        (tmp_path / "slow_cli.py").write_text(SLOW_CLI)
+        marker = tmp_path / "marker"
+        env = _env(migrated_store, tmp_path, MARKER=str(marker), SLOW="600")
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "slow_cli.py"), "sync", "--tracking-uri",
+                                 migrated_store], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while not (marker.is_file() and marker.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        [interrupted] = marker.read_text().split()
+        assert store.client_for(migrated_store).get_run(interrupted).info.status == "RUNNING"
+        done = run_cli("sync", "--json", "--tracking-uri", migrated_store, env=_env(migrated_store, tmp_path))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert len(json.loads(done.stdout)["uploaded"]) == 20
+        runs = _check_exactly_once(migrated_store, spooled)
+        assert interrupted in [r.info.run_id for r in runs]  # adopted, not replaced
+
+
+class TestFallbackSpool:
+    """An unwritable spool folder falls back to one that sync reads; with neither, the warning says so."""
+
+    @pytest.fixture
+    def unwritable(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        import tempfile
+
+        (tmp_path / "file").write_text("not a folder")
+        monkeypatch.setenv("REPRO_TRACK_SPOOL_DIR", str(tmp_path / "file" / "spool"))
+        monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+        (tmp_path / "tmp").mkdir()
+        return tmp_path / "tmp"
+
+    def test_sync_finds_the_fallback(self, unwritable: Path, migrated_store: str, tmp_path: Path) -> None:
+        import numpy as np
+
+        @repro_track.record(experiment="fallback", tracking_uri=f"http://127.0.0.1:{free_port()}")
+        def make(index: int) -> Any:
+            return np.zeros(2)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", repro_track.RecordingWarning)
+            make(0)
+            outcome = repro_track.last_recording(make)
+            assert outcome.wait(60) is None
+        assert outcome.spool_path.parent == spool.fallback_root()
+        assert spool.fallback_root().parent == unwritable
+        done = run_cli("sync", "--json", "--tracking-uri", migrated_store,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": migrated_store})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert [u["recording_id"] for u in json.loads(done.stdout)["uploaded"]] == [outcome.recording_id]
+        assert len(_runs(migrated_store, "fallback")) == 1
+
+    def test_no_writable_folder_warns_not_kept(self, unwritable: Path, migrated_store: str) -> None:
+        unwritable.rmdir()
+        unwritable.write_text("not a folder either")
+
+        @repro_track.record(experiment="fallback")
+        def make() -> int:
+            return 1
+
+        with pytest.warns(repro_track.RecordingWarning, match="could not be kept"):
+            assert make() == 1
+
+
+class TestBackground:
+    """A call stages and returns; the worker uploads behind it; flush and last_recording wait for it."""
+
+    def test_flush_waits_for_every_upload(self, migrated_store: str, tmp_path: Path) -> None:
+        import numpy as np
+
+        @repro_track.record(experiment="flush")
+        def make(index: int) -> Any:
+            return np.full(3, index)
+
+        outcomes = []
+        for i in range(10):
+            make(i)
+            outcomes.append(repro_track.last_recording(make))
+            assert outcomes[-1].recording_id  # known at once
+        assert repro_track.flush(120) is True
+        assert all(o.done and o.run_id and o.error is None for o in outcomes)
+        runs = {r.info.run_id: r for r in _runs(migrated_store, "flush")}
+        assert sorted(runs) == sorted(o.run_id for o in outcomes)
+        for o in outcomes:
+            assert runs[o.run_id].data.tags[tags.SPOOL_ID] == o.recording_id
+        assert list((tmp_path / "spool").iterdir()) == []
+
+    def test_sync_mode_run_exists_when_the_call_returns(self, migrated_store: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("REPRO_TRACK_DELIVERY", "sync")
+
+        @repro_track.record(experiment="sync-mode")
+        def make() -> int:
+            return 1
+
+        make()
+        outcome = repro_track.last_recording(make)
+        assert outcome.done and outcome.run_id is not None
+        assert store.client_for(migrated_store).get_run(outcome.run_id).info.status == "FINISHED"
+
+    def test_threads(self, migrated_store: str) -> None:
+        import numpy as np
+
+        @repro_track.record(experiment="threads")
+        def make(index: int) -> Any:
+            return np.full(2, index)
+
+        outcomes: dict[int, Any] = {}
+        errors: list[BaseException] = []
+
+        def work(thread: int) -> None:
+            try:
+                for i in range(10):
+                    make(thread * 10 + i)
+                    outcomes[thread * 10 + i] = repro_track.last_recording(make)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and repro_track.flush(300)
+        client = store.client_for(migrated_store)
+        runs = {r.info.run_id: r for r in _runs(migrated_store, "threads")}
+        assert len(runs) == 80 and sorted(o.run_id for o in outcomes.values()) == sorted(runs)
+        digests = set()
+        for index, outcome in outcomes.items():
+            run = runs[outcome.run_id]
+            local = client.download_artifacts(outcome.run_id, tags.MANIFEST_PATH)
+            m = json.loads(Path(local).read_text("utf-8"))
+            assert m["arguments"]["index"]["value"] == index == int(run.data.params["arg.index"])
+            assert m["manifest_digest"] == run.data.tags[tags.MANIFEST_DIGEST] == outcome.manifest_digest
+            digests.add(m["manifest_digest"])
+        assert len(digests) == 80
+
+
+@pytest.mark.slow
+class TestProcessEnd:
+    """Killed right after its calls, or ending before its uploads, a process loses nothing."""
+
+    def test_killed_after_ten_calls(self, tmp_path: Path, migrated_store: str) -> None:
+        script = tmp_path / "rec.py"
+        script.write_text(RECORDER)
+        env = _env(migrated_store, tmp_path, SLOW="0.5")
+        done = run_script(script, "10", "kill", env=env, cwd=tmp_path)
+        assert done.returncode == -signal.SIGKILL
+        ids = done.stdout.split()
+        assert len(ids) == 10
+        before = _runs(migrated_store, "bg")
+        assert len([r for r in before if r.info.status == "FINISHED"]) < 10  # the kill did cut uploads short
+        synced = run_cli("sync", "--json", env=env)
+        assert synced.returncode == 0, synced.stderr[-2000:]
+        runs = _check_exactly_once(migrated_store, ids, "bg")
+        again = run_cli("sync", "--json", env=env)
+        assert json.loads(again.stdout)["uploaded"] == [] and len(_runs(migrated_store, "bg")) == len(runs)
+
+    def test_exit_handler_leaves_the_rest_for_sync(self, tmp_path: Path, migrated_store: str) -> None:
+        script = tmp_path / "rec.py"
+        script.write_text(RECORDER)
+        env = _env(migrated_store, tmp_path, SLOW="2", REPRO_TRACK_EXIT_TIMEOUT="1")
+        done = run_script(script, "5", "exit", env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stderr.count("were not uploaded before the process ended") == 1  # said once
+        assert "repro-track sync" in done.stderr
+        ids = done.stdout.split()
+        left = len(list(spool.pending()))
+        assert left >= 4  # at most one upload fits in the bounded wait; the rest are kept
+        synced = run_cli("sync", "--json", env=env)
+        assert len(json.loads(synced.stdout)["uploaded"]) == left
+        _check_exactly_once(migrated_store, ids, "bg")
+
+    def test_flush_in_a_script(self, tmp_path: Path, migrated_store: str) -> None:
+        script = tmp_path / "rec.py"
+        script.write_text(RECORDER)
+        done = run_script(script, "3", "flush", env=_env(migrated_store, tmp_path, SLOW="0.2"), cwd=tmp_path)
+        assert done.returncode == 0 and "flushed True" in done.stdout, done.stderr[-2000:]
+        assert "were not uploaded" not in done.stderr
+        _check_exactly_once(migrated_store, done.stdout.split()[:3], "bg")
+
+
+@pytest.mark.slow
+class TestQueueBound:
+    """Large outputs with a queue of one: calls wait for room, and memory stays near one output."""
+
+    def test_memory_and_back_pressure(self, tmp_path: Path, migrated_store: str) -> None:
+        # 4 outputs of 256 MiB (1 GiB in all) rather than 1 GiB each: this box has 24 GiB and 2 cores.
+        script = tmp_path / "big.py"
+        script.write_text('''
+import json, resource, sys
+import numpy as np
+import torch, mlflow, repro_track  # loaded before the baseline, as in a real generation
+from repro_track import delivery, outputs, spool, store  # noqa: F401
+
+N = 1 << 26  # float32: 256 MiB
+
+
+@repro_track.record(experiment="big")
+def make(index):
+    return np.full(N, index, dtype=np.float32)
+
+
+np.ones(N, dtype=np.float32).sum()  # the peak already holds one output, as every call makes one
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+waiting = []
+for i in range(4):
+    make(i)
+    waiting.append(delivery._worker_now.unfinished)
+flushed = repro_track.flush(600)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"extra": after - before, "waiting": waiting, "flushed": flushed}))
+''')
+        env = _env(migrated_store, tmp_path, REPRO_TRACK_QUEUE_SIZE="1")
+        done = run_script(script, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["flushed"] is True
+        assert max(result["waiting"]) <= 2  # one uploading, at most one queued: the bound holds
+        # Stated limit: recording 1 GiB of outputs adds less than one output (256 MiB) to the peak.
+        assert result["extra"] < 256 * 2**20, f"recording added {result['extra'] / 2**20:.0f} MiB"
+        assert len(_runs(migrated_store, "big")) == 4
