@@ -512,3 +512,32 @@ class TestDoctorLines:
         recorded_env(m, **env)
         here = here_cpu(here, **SAPPHIRE_RAPIDS)
         assert not {"onednn_isa", "mkl_code_path"} & set(reasons(m, here))
+
+
+class TestRisks:
+    """The risks listed for a recording name the CPU libraries left to pick their own kernels."""
+
+    def test_uncapped_cpu_libraries_are_named(self, base):
+        from repro_track.rules import risks
+
+        m, _ = base
+        m["cpu"].update(onednn_isa="AVX512_CORE_BF16", onednn_isa_cap=None, mkl_version="2024.2",
+                        mkl_cbwr=None)
+        found = " | ".join(risks(m))
+        assert "oneDNN ran AVX512_CORE_BF16 kernels, not capped" in found and "MKL_CBWR" in found
+        recorded_env(m, ONEDNN_MAX_CPU_ISA="AVX2", MKL_CBWR="COMPATIBLE")
+        found = " | ".join(risks(m))
+        assert "oneDNN" not in found and "MKL_CBWR" not in found
+
+    def test_cuda_default_generator_is_named(self, base):
+        from repro_track.rules import risks
+
+        m, _ = base
+        m["randomness"]["generators"] = []
+        m["determinism"]["cuda_used"] = True
+        m["gpu"] = gpu_section([H200])
+        m["randomness"]["global"]["torch_cuda"] = {
+            "available": True, "reason": None, "started_in_call": True,
+            "devices": [{"index": 0, "state_b64": "AA==", "sha256": "0" * 64, "consumed": True}]}
+        assert any(r.startswith("CUDA default generator (no generator argument)") and "NVIDIA H200 (132 SMs)" in r
+                   for r in risks(m))
