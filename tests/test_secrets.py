@@ -96,7 +96,7 @@ class TestHoldsSecret:
          ("login rejected, pwd: Zebra77q", "Zebra77q")],
     )
     def test_unquoted_keyword_values(self, text: str, secret: str) -> None:
-        # Config-style assignments, as libraries quote them in error messages (detect-secrets' keyword plugin).
+        # Config-style assignments as libraries quote them in error messages (detect-secrets' keyword plugin).
         assert secret not in scrub.blank(text)
         assert scrub.blank(text).startswith(text.split(secret)[0])
 
@@ -113,7 +113,8 @@ class TestHoldsSecret:
         assert blanked.split("\n")[:2] == text.split("\n")[:2]
 
     def test_short_url_password_is_blanked_by_position(self) -> None:
-        assert scrub.blank("https://me:pw@host.example.com/x") == f"https://me:{scrub.REDACTED}@host.example.com/x"
+        blanked = scrub.blank("https://me:pw@host.example.com/x")
+        assert blanked == f"https://me:{scrub.REDACTED}@host.example.com/x"
 
     def test_every_occurrence_is_blanked(self) -> None:
         hf = planted("twice")["hf"][1]
@@ -176,6 +177,18 @@ class TestJson:
                            "models": [{"id": "x", "note": f"t {scrub.REDACTED}"}], "use_auth": True,
                            "max_tokens": 7}
 
+    def test_secret_as_a_key(self) -> None:
+        hf = planted("json key")["hf"][1]
+        assert scrub.json_holds_secret({"tokens": {hf: 1}})
+        assert hf not in json.dumps(scrub.blank_json({"tokens": {hf: 1}}))
+
+    def test_too_deep_is_hidden_not_passed(self) -> None:
+        deep: Any = "plain"
+        for _ in range(40):
+            deep = [deep]
+        assert scrub.json_holds_secret(deep)
+        assert scrub.REDACTED in json.dumps(scrub.blank_json(deep))
+
     def test_clean_config_untouched(self) -> None:
         config = {"beta_schedule": "scaled_linear", "pad_token_id": 1, "num_train_timesteps": 1000,
                   "_commit_hash": "0123456789abcdef0123456789abcdef01234567"}
@@ -198,7 +211,8 @@ class TestArgumentNames:
     def test_table(self, name: str, secret: bool) -> None:
         assert scrub.is_secret_argument(name) is secret
 
-    @pytest.mark.parametrize(("name", "secret"), [("HF_PWD", True), ("CUDA_DSN", True), ("HF_HUB_OFFLINE", False)])
+    @pytest.mark.parametrize(("name", "secret"),
+                             [("HF_PWD", True), ("CUDA_DSN", True), ("HF_HUB_OFFLINE", False)])
     def test_environment_names(self, name: str, secret: bool) -> None:
         assert scrub.is_secret_name(name) is secret
 
@@ -307,8 +321,8 @@ class TestSecretCorpus:
         commit_all(project)
         for kind in ("hf", "high_entropy"):
             (project / f"notes-{names[kind]}.txt").write_text("untracked\n", "utf-8")
-        lines = [f'AWS_ID = "{diff["aws"]}"', f'GITHUB = "{diff["github"]}"', f'DB_URL = "{diff["url_password"]}"',
-                 diff["keyword"], f'SALT = "{diff["high_entropy"]}"']
+        lines = [f'AWS_ID = "{diff["aws"]}"', f'GITHUB = "{diff["github"]}"',
+                 f'DB_URL = "{diff["url_password"]}"', diff["keyword"], f'SALT = "{diff["high_entropy"]}"']
         (project / "settings.py").write_text("STEPS = 2\n" + "\n".join(lines) + "\n", "utf-8")
 
         for i, (kind, text) in enumerate(plant("env var").items()):
@@ -380,9 +394,10 @@ class TestCleanRun:
         module = import_project(project, "clean_project", monkeypatch)
         text2image = testing.load_pipeline(model_dir / "tiny-text2image", progress=False)
         commit = run_git(project, "rev-parse", "HEAD")
-        extras = {"revision": commit, "weights_sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
-                  "parent_run": uuid.uuid4().hex, "request_id": str(uuid.uuid4()),
-                  "prompt": "a photo of an astronaut riding a horse on mars", "model_id": "org/stable-diffusion-v1-5",
+        extras = {"revision": commit, "parent_run": uuid.uuid4().hex, "request_id": str(uuid.uuid4()),
+                  "weights_sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                  "prompt": "a photo of an astronaut riding a horse on mars",
+                  "model_id": "org/stable-diffusion-v1-5",
                   "text2image": text2image, "guidance_scale": 7.5, "schedule": {"steps": 2, "eta": 0.0}}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -393,5 +408,6 @@ class TestCleanRun:
         assert scrub.REDACTED not in json.dumps(manifest)
         assert manifest["env_vars"]["redacted"] == []
         assert [n for n, a in manifest["arguments"].items() if a["kind"] == "redacted"] == []
-        assert manifest["git"]["commit"] == commit and manifest["git"]["remote_url"] == "https://github.com/org/repo.git"
+        assert manifest["git"]["commit"] == commit
+        assert manifest["git"]["remote_url"] == "https://github.com/org/repo.git"
         assert manifest["arguments"]["revision"]["value"] == commit

@@ -116,14 +116,16 @@ _OWN_PATTERN_TEXTS: tuple[str, ...] = (
 )
 _OWN_PATTERNS = tuple(re.compile(pattern) for pattern in _OWN_PATTERN_TEXTS)
 # Each of them needs one of these substrings; most strings hold none, and `in` is far cheaper than a regex.
-_OWN_MARKERS = ("://", "hf_", "sk-", "k_live_", "k_test_", "gh", "github_pat_", "glpat-", "AKIA", "ASIA", "xox",
-                "eyJ", "-----BEGIN")
+_OWN_MARKERS = ("://", "hf_", "sk-", "k_live_", "k_test_", "gh", "github_pat_", "glpat-", "AKIA", "ASIA",
+                "xox", "eyJ", "-----BEGIN")
 # A quoted value assigned to a credential-named variable or key (hf_token = "...", "dsn": "...");
 # the names are the argument rules' (is_secret_argument), which cover words detect-secrets does not.
 # Searched only in strings holding one of the name words (lower-cased).
 _NAME_MARKERS = ("pass", "pwd", "secret", "cred", "auth", "key", "cookie", "bearer", "session", "dsn", "jwt",
                  "conn", "token", "url")
-_NAMED_ASSIGNMENT = re.compile(r"""["']?(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)["']?\s*(?::=|=|:)\s*(?P<q>["'])(?P<s>[^"'\n]+)(?P=q)""")
+_NAMED_ASSIGNMENT = re.compile(
+    r"""["']?(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)["']?\s*(?::=|=|:)\s*(?P<q>["'])(?P<s>[^"'\n]+)(?P=q)"""
+)
 # Runs of base64/hex-ish characters long enough to be a generated token.
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9+/=_\-]{32,}")
 # Device UUIDs (CUDA_VISIBLE_DEVICES=GPU-..., MIG-..., or the pre-R470 MIG form
@@ -142,7 +144,8 @@ _MIN_TOKEN_ENTROPY_BITS = 3.0
 # one-case or Capitalised letters with an optional number, optionally followed by one more such word,
 # or digits alone. Random tokens mix cases and interleave digits, so their pieces rarely look like this.
 _WORD_PIECE = re.compile(
-    r"^(?:(?:[a-z]{1,16}|[A-Z]{1,16}|[A-Z][a-z]{1,15})[0-9]{0,4}(?:[a-z]{1,16}|[A-Z][a-z]{1,15})?|[0-9]{1,8})$"
+    r"^(?:(?:[a-z]{1,16}|[A-Z]{1,16}|[A-Z][a-z]{1,15})[0-9]{0,4}(?:[a-z]{1,16}|[A-Z][a-z]{1,15})?"
+    r"|[0-9]{1,8})$"
 )
 _PIECE_SEPARATORS = re.compile(r"[/_\-+=]+")
 
@@ -169,6 +172,8 @@ _KNOWN_TOKEN_PLUGINS: tuple[tuple[str, str], ...] = (
 )
 # Strings up to this long have their findings cached (prompts, config values, env values, diff lines).
 _CACHED_CHARS = 4096
+# JSON values are walked this deep (as deep as an argument may be recorded at all).
+_MAX_DEPTH = 32
 # Findings shorter than this are too short to blank by value without mangling the text around them
 # (``password = "x"``); holds_secret still reports them, and URL passwords are blanked by position.
 _MIN_BLANKED_CHARS = 4
@@ -222,30 +227,34 @@ def blank(text: str) -> str:
 
 
 def json_holds_secret(value: Any, depth: int = 0) -> bool:
-    """Whether a JSON value holds a credential: a string that looks like one, or a credential-named key."""
+    """Whether a JSON value holds a credential: a string (value or key) that looks like one, or a
+    credential-named key with a string value. Nesting deeper than 32 levels counts as holding one."""
     if isinstance(value, str):
         return holds_secret(value)
-    if depth >= 32:
+    if not isinstance(value, (list, tuple, dict)):
         return False
-    if isinstance(value, (list, tuple)):
-        return any(json_holds_secret(v, depth + 1) for v in value)
+    if depth >= _MAX_DEPTH:
+        return True  # not looked at, so not vouched for
     if isinstance(value, dict):
-        return any(_named_secret(k, v) or json_holds_secret(v, depth + 1) for k, v in value.items())
-    return False
+        return any(_named_secret(k, v) or (isinstance(k, str) and holds_secret(k))
+                   or json_holds_secret(v, depth + 1) for k, v in value.items())
+    return any(json_holds_secret(v, depth + 1) for v in value)
 
 
 def blank_json(value: Any, depth: int = 0) -> Any:
-    """A copy of a JSON value with credential parts of strings blanked and credential-named keys'
-    values replaced by :data:`REDACTED` (structure and every other value kept)."""
+    """A copy of a JSON value with credential parts of strings (values and keys) blanked and
+    credential-named keys' values replaced by :data:`REDACTED` (structure and every other value kept).
+    Containers nested deeper than 32 levels are replaced whole."""
     if isinstance(value, str):
         return blank(value)
-    if depth >= 32:
+    if not isinstance(value, (list, tuple, dict)):
         return value
-    if isinstance(value, (list, tuple)):
-        return [blank_json(v, depth + 1) for v in value]
+    if depth >= _MAX_DEPTH:
+        return REDACTED
     if isinstance(value, dict):
-        return {k: REDACTED if _named_secret(k, v) else blank_json(v, depth + 1) for k, v in value.items()}
-    return value
+        return {blank(k) if isinstance(k, str) else k:
+                REDACTED if _named_secret(k, v) else blank_json(v, depth + 1) for k, v in value.items()}
+    return [blank_json(v, depth + 1) for v in value]
 
 
 def _named_secret(key: Any, value: Any) -> bool:
@@ -264,7 +273,8 @@ def _find(text: str) -> tuple[str, ...]:
     if any(marker in text for marker in _OWN_MARKERS):
         found.extend(m.group("s") for m in _URL_PASSWORD.finditer(text))
         for pattern in _OWN_PATTERNS:
-            found.extend(m.group("s") if "s" in pattern.groupindex else m.group(0) for m in pattern.finditer(text))
+            found.extend(m.group("s") if "s" in pattern.groupindex else m.group(0)
+                         for m in pattern.finditer(text))
     found.extend(run for run in _TOKEN_RUN.findall(text) if _is_random_token(run))
     if ("=" in text or ":" in text) and any(marker in lower for marker in _NAME_MARKERS):
         found.extend(m.group("s") for m in _NAMED_ASSIGNMENT.finditer(text)
@@ -288,7 +298,8 @@ def _plugin_findings(text: str, lower: str) -> list[str]:
     long_run = _ENTROPY_RUN.search(text)
     if long_run or _QUOTED_RUN.search(text):
         found.extend(_high_entropy(plugins, text))
-    if (long_run or any(marker in text for marker in _KNOWN_TOKEN_MARKERS)) and plugins.known_any.search(text):
+    known_marker = any(marker in text for marker in _KNOWN_TOKEN_MARKERS)
+    if (long_run or known_marker) and plugins.known_any.search(text):
         for plugin in plugins.known:
             found.extend(_known_tokens(plugin, text))
     return found
