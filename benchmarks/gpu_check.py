@@ -190,7 +190,7 @@ class Check:
         gen = self.generator(gen_device) if gen_device else None
         fn(self.model, device, self.steps, generator=gen)
         outcome = repro_track.last_recording(fn)
-        return outcome.run_id if outcome else None
+        return outcome.wait(600) if outcome else None  # uploads run in the background
 
     def record_fresh_cuda(self) -> str | None:
         """Record in a fresh process where the call itself starts CUDA (torch.manual_seed before it,
@@ -200,7 +200,7 @@ class Check:
         code = ("import sys, torch, repro_track; sys.path.insert(0, sys.argv[1]); import gpu_check_gen as g\n"
                 f"torch.manual_seed({SEED}); assert not torch.cuda.is_initialized()\n"
                 f"g.generate(sys.argv[2], 'cuda', {self.steps})\n"
-                "print(repro_track.last_recording(g.generate).run_id)\n")
+                "print(repro_track.last_recording(g.generate).wait(600))\n")
         done = subprocess.run([sys.executable, "-c", code, str(self.project), self.model], text=True,
                               capture_output=True, timeout=600, check=False)
         if done.returncode != 0:
