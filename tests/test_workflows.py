@@ -183,3 +183,52 @@ class TestDiffNamesPipelineParts:
         revision = found["pipelines.0.identity.revision"]
         assert revision.category == "input" and "another commit of the model repo" in revision.explanation
         assert any(p.startswith("determinism.autocast") and d.category == "arithmetic" for p, d in found.items())
+
+
+LOCAL_PROJECT = '''
+    import repro_track
+
+
+    @repro_track.record(experiment="local")
+    def denoise(pipe, steps: int, *, generator=None):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(num_inference_steps=steps, generator=generator, output_type="np").images
+'''
+
+LOCAL_RECORD = '''
+    import json
+    import sys
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    import gen
+    import repro_track
+
+    gen.denoise(DiffusionPipeline.from_pretrained("models/tiny-ddim"), 2, generator=torch.Generator().manual_seed(3))
+    print(json.dumps({"run": repro_track.last_recording(gen.denoise).wait(timeout=120)}))
+'''
+
+
+@pytest.mark.slow
+class TestLocalModelByContent:
+    """A model folder inside the project is found again in another checkout of it, and checked by content."""
+
+    def test_replay_from_a_moved_checkout_is_exact(self, tmp_path: Path) -> None:
+        import repro_track
+        from repro_track import testing
+
+        first = write_project(tmp_path / "first", {"gen.py": LOCAL_PROJECT, "record.py": LOCAL_RECORD})
+        testing.build_tiny_ddim(first / "models" / "tiny-ddim")
+        uri = f"sqlite:///{tmp_path / 'local.db'}"
+        done = run_script(first / "record.py", env=recording_env(uri, tmp_path / "spool"), cwd=first)
+        assert done.returncode == 0, done.stderr[-3000:]
+        run_id = json.loads(done.stdout.strip().splitlines()[-1])["run"]
+        second = tmp_path / "second"
+        shutil.copytree(first, second)
+        shutil.rmtree(first / "models")  # the recorded absolute folder is gone: only the checkout's is left
+        report = repro_track.replay(run_id, tracking_uri=uri, project_dir=second, log=False)
+        assert (report.expected, report.observed) == ("exact", "exact"), report.reasons
+        shutil.rmtree(second / "models")
+        gone = repro_track.replay(run_id, tracking_uri=uri, project_dir=second, log=False, dry_run=True)
+        assert gone.expected == "none" and any("does not exist here" in r for r in gone.reasons)
