@@ -124,6 +124,9 @@ def history(tmp_path_factory) -> History:
     h.runs["c2"] = h.record(root)
     edit(repo / "helpers.py", "return x * FACTOR", "return x * FACTOR + 0.25")
     git(repo, "commit", "-q", "-am", "C3: the helper adds 0.25")
+    hook = repo / ".git" / "hooks" / "post-checkout"
+    hook.write_text(f"#!/bin/sh\ntouch '{root / 'hook-ran'}'\n", "utf-8")
+    hook.chmod(0o755)
     return h
 
 
@@ -205,6 +208,7 @@ class TestRecordedCode:
         rebuilt = [r for r in report.reasons if "runs the recorded commit" in r]
         assert len(rebuilt) == 1 and "proj.py changed" in rebuilt[0] and "helpers.py changed" in rebuilt[0]
         assert git(history.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+        assert not (history.repo.parent / "hook-ran").exists()  # the user's git hooks stay unrun
 
     def test_current_code_runs_the_edit(self, history):
         report = do_replay(history, "clean", current_code=True)

@@ -41,19 +41,36 @@ def _environment_roots() -> tuple[str, ...]:
     # The interpreter's environments, and repro-track itself (its version is recorded on its own,
     # and a project that vendors or develops it should not see every edit of it as a code change).
     prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                str(Path(__file__).resolve().parents[1])}
-    return tuple(os.path.join(os.path.realpath(p), "") for p in prefixes if p)
+                str(Path(__file__).resolve().parents[1]), str(Path(__file__).parents[1])}
+    return tuple({os.path.join(f(p), "") for p in prefixes if p
+                  for f in (os.path.abspath, os.path.realpath)})
 
 
-def _module_files(root: str, prefixes: tuple[str, ...]) -> Iterable[str]:
-    """Real paths of loaded modules' files under root (a real path ending with a separator)."""
+def _module_files(root: str, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    """Real paths of loaded modules' files under root (a real path ending with a separator).
+
+    Scanning thousands of modules costs milliseconds, so the result is kept until sys.modules
+    changes (its size or its latest entry: imports only add at the end).
+    """
+    last = next(reversed(sys.modules), None)
+    return _scan(root, prefixes, len(sys.modules), last)
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(root: str, prefixes: tuple[str, ...], count: int, last: str | None) -> tuple[str, ...]:
+    return tuple(_walk_modules(root, prefixes))
+
+
+def _walk_modules(root: str, prefixes: tuple[str, ...]) -> Iterable[str]:
     installed = _environment_roots()
     for module in list(sys.modules.values()):
-        name = getattr(module, "__file__", None)
+        # Through __dict__: lazy modules (transformers, diffusers) make getattr slow.
+        namespace = getattr(module, "__dict__", None)
+        name = namespace.get("__file__") if isinstance(namespace, dict) else None
         if not isinstance(name, str) or not name.endswith(".py"):
             continue
-        # Cheap prefix test first; only candidates pay for realpath (symlinks, "..").
-        if not name.startswith(prefixes):
+        # Cheap string tests first; only candidates pay for realpath (symlinks, "..").
+        if not name.startswith(prefixes) or name.startswith(installed) or "-packages" in name:
             continue
         real = os.path.realpath(name)
         if not real.startswith(root) or real.startswith(installed):

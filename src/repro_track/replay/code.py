@@ -185,7 +185,9 @@ def build_worktree(plan: CodePlan, project_dir: Path, dest: Path) -> tuple[CodeP
     try:
         with _open(project_dir) as repo:
             top = Path(repo.working_tree_dir).resolve()
-            repo.git.worktree("add", "--detach", "--quiet", str(dest), plan.commit)
+            # Hooks off: a post-checkout hook is for the user's own checkouts, not this temporary one.
+            repo.git(c="core.hooksPath=/dev/null").worktree("add", "--detach", "--quiet", str(dest),
+                                                            plan.commit)
     except Exception as exc:
         raise NotReplayableError(f"git could not check out commit {plan.commit[:12]} in a temporary "
                                  f"worktree ({type(exc).__name__}: {_stderr(exc)}); pass --current-code "
@@ -204,7 +206,7 @@ def build_worktree(plan: CodePlan, project_dir: Path, dest: Path) -> tuple[CodeP
 def _apply(plan: CodePlan, worktree: Path) -> CodePlan:
     try:
         with _open(worktree) as repo:
-            repo.git.apply("--whitespace=nowarn", str(plan.diff_file))
+            repo.git.apply("--whitespace=nowarn", "--", str(plan.diff_file))
     except Exception as exc:
         return replace(plan, apply_diff=False, diff_problem=(
             f"it does not apply to commit {plan.commit[:12]} ({_stderr(exc)})"))
