@@ -541,3 +541,16 @@ class TestRisks:
             "devices": [{"index": 0, "state_b64": "AA==", "sha256": "0" * 64, "consumed": True}]}
         assert any(r.startswith("CUDA default generator (no generator argument)") and "NVIDIA H200 (132 SMs)" in r
                    for r in risks(m))
+
+
+class TestOlderRecordings:
+    """A recording made before the CPU library facts were captured is judged from its CPU flags."""
+
+    def test_facts_derived_from_flags(self, base):
+        m, here = base
+        if not m["cpu"]["onednn_isa"]:
+            pytest.skip("this torch build has no oneDNN")
+        for key in ("onednn_isa", "onednn_isa_cap", "mkl_isa", "mkl_enable_instructions", "mkl_cbwr"):
+            del m["cpu"][key]
+        assert "onednn_isa" not in reasons(m, here)
+        assert "onednn_isa" in reasons(m, here_cpu(here, **SAPPHIRE_RAPIDS))

@@ -302,10 +302,13 @@ def architecture_differs(m: dict, here: Here) -> Optional[str]:
 
 def _replay_library_isa(m: dict, here: Here) -> tuple[dict, dict]:
     """oneDNN/MKL facts (recorded, here): here as the replay child will run, with the recorded
-    environment variables restored (those that pin the libraries among them)."""
+    environment variables restored (those that pin the libraries among them). Recordings made
+    before these facts were captured get them from their recorded CPU flags and variables."""
     from .capture.cpu import library_isa
 
-    return m["cpu"], library_isa(here.cpu, m["env_vars"]["captured"])
+    env = m["env_vars"]["captured"]
+    recorded = m["cpu"] if "onednn_isa" in m["cpu"] else {**m["cpu"], **library_isa(m["cpu"], env)}
+    return recorded, library_isa(here.cpu, env)
 
 
 _PORTABLE_CPU = "ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=COMPATIBLE (see repro-track doctor)"
