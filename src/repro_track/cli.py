@@ -439,6 +439,12 @@ def _debug() -> bool:
         return True
 
 
+def _one_line(text: str) -> str:
+    """The message on one line, control characters escaped: messages quote names and values from
+    manifests, which must not add lines or drive the terminal."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -451,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReproTrackError as exc:
         if _debug():
             raise
-        print(f"repro-track: error: {exc}", file=sys.stderr)
+        print(f"repro-track: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("repro-track: interrupted", file=sys.stderr)

@@ -123,6 +123,7 @@ class Manifest:
     outputs: list[dict[str, Any]]
     code: dict[str, Any] = dataclasses.field(default_factory=dict)
     pipelines: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    trajectory: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     replay_of: str | None = None
     repro_track_version: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -177,7 +178,19 @@ class Manifest:
             )
         data = migrate(data, run_id)
         validate(data, run_id)
+        check_references(data, run_id)
         return cls.from_dict(data)
+
+
+def check_references(data: dict[str, Any], run_id: str | None = None) -> None:
+    """Raise ManifestError where one section points into another at nothing (the schema cannot say
+    that a generator index exists)."""
+    count = len(data["randomness"]["generators"])
+    for name, arg in data["arguments"].items():
+        bad = [i for i in arg.get("generators", []) if not 0 <= i < count]
+        if bad:
+            raise ManifestError(f"run {run_id or '?'}: argument {name[:60]!r} names generator {bad[0]}, but "
+                                f"the manifest records {count}", field=f"arguments/{name[:60]}", run_id=run_id)
 
 
 def _depth(obj: Any, limit: int) -> int:
@@ -251,7 +264,13 @@ def migrate(data: dict[str, Any], run_id: str | None = None) -> dict[str, Any]:
         if step is None:
             raise ManifestError(f"run {run_id or '?'}: no migration from schema_version {version}",
                                 field="schema_version", run_id=run_id)
-        data = step(data)
+        try:
+            data = step(data)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            # An old version number on content of another shape: hand-written, or damaged.
+            raise ManifestError(f"run {run_id or '?'}: the manifest says schema_version {version} but "
+                                f"does not have that version's shape ({type(exc).__name__} {str(exc)[:80]})",
+                                field="schema_version", run_id=run_id) from None
         data["manifest_digest"] = digest_of(data)
         version = data["schema_version"]
     return data

@@ -423,8 +423,13 @@ def threads_differ(m: dict, here: Here) -> Optional[str]:
 
 
 def env_vars_differ(m: dict, here: Here) -> Optional[str]:
+    from .capture.envvars import is_bit_deciding
+
+    # Only bit-deciding variables reach the child from a recording; machine-local ones (devices,
+    # hub, caches) keep this machine's values and change no bits, so they are no reason here.
     recorded, now = m["env_vars"]["captured"], here.env_vars.get("captured", {})
-    names = sorted(n for n in set(recorded) | set(now) if recorded.get(n) != now.get(n))
+    names = sorted(n for n in set(recorded) | set(now)
+                   if is_bit_deciding(n) and recorded.get(n) != now.get(n))
     if names:
         return f"environment variables differ ({', '.join(names[:6])}); the replay restores them"
     return None
