@@ -50,7 +50,9 @@ HANDWRITTEN = '''
     import time
     from pathlib import Path
 
+    import torch
     from mlflow.entities import Metric, Param
+    from PIL import Image
     from safetensors.torch import save_file
 
 
@@ -69,8 +71,12 @@ HANDWRITTEN = '''
             path = staging / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, "utf-8")
-        save_file({"output": result}, str(staging / fixture["outputs_file"]),
+        save_file({"output": result.contiguous()}, str(staging / fixture["outputs_file"]),
                   metadata=fixture["outputs_metadata"])
+        for index, relative in enumerate(fixture.get("images", [])):  # (N, H, W, C) floats in [0, 1]
+            pixels = (result[index].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(staging / relative)
         client.log_artifacts(run_id, str(staging))
         client.set_terminated(run_id, "FINISHED", end_time=int(time.time() * 1000))
         return run_id
@@ -109,7 +115,9 @@ COLD_CALL = '''
     if variant == "recorded":
         import repro_track
 
-        assert repro_track.last_recording(bench_gen.small).run_id, "the cold call was spooled, not logged"
+        outcome = repro_track.last_recording(bench_gen.small)
+        run_id = outcome.wait(120) if hasattr(outcome, "wait") else outcome.run_id  # background delivery
+        assert run_id, "the cold call was spooled, not logged"
     print(json.dumps({"setup_s": ready - START, "call_s": done - ready, "total_s": done - START}))
 '''
 
@@ -151,7 +159,9 @@ RECORD_DDIM = '''
 
     pipe = testing.load_pipeline(sys.argv[1], progress=False)
     bench_gen.ddim(pipe, int(sys.argv[2]), generator=torch.Generator("cpu").manual_seed(0))
-    print(json.dumps({"run_id": repro_track.last_recording(bench_gen.ddim).run_id}))
+    outcome = repro_track.last_recording(bench_gen.ddim)
+    run_id = outcome.wait(120) if hasattr(outcome, "wait") else outcome.run_id  # background delivery
+    print(json.dumps({"run_id": run_id}))
 '''
 
 FILES = {
