@@ -52,6 +52,41 @@ def _download(client: Any, run_id: str, path: str, dest: Path) -> Path | None:
     return Path(client.download_artifacts(run_id, path, str(dest)))
 
 
+def _artifact_repo(client: Any, run: Any) -> Any:
+    """The store of one run's artifacts, reached directly: MLflow's ``runs:/`` indirection looks the
+    run up again, and searches logged models, for every file it lists or downloads."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
+
+
+def _fetch(repo: Any, run_id: str, path: str, dest: Path) -> Path | None:
+    """Download one artifact from the run's store; None when absent; refuse a symlink in a local store
+    (it would read a file of this machine, or /dev/zero forever, as the run's artifact)."""
+    folder, _, name = path.rpartition("/")
+    try:
+        listed = {Path(f.path).name for f in repo.list_artifacts(folder or None)}
+    except Exception as exc:
+        raise StoreError(f"run {run_id}: cannot list artifacts under {folder}/ ({exc})") from None
+    if name not in listed:
+        return None
+    root = getattr(repo, "artifact_dir", None)  # a LocalArtifactRepository
+    if root is not None:
+        stored = Path(root)
+        for part in path.split("/"):
+            stored = stored / part
+            if stored.is_symlink():
+                break
+        if stored.is_symlink() or not stored.is_file():
+            raise IntegrityError(f"run {run_id}: {path} is a symbolic link or not a regular file in the "
+                                 "artifact store; refusing to read it", run_id=run_id, item=path)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(repo.download_artifacts(path, str(dest)))
+    except Exception as exc:
+        raise StoreError(f"run {run_id}: cannot download {path} ({exc})") from None
+
+
 def fetch_artifact(client: Any, run_id: str, path: str, dest: Path) -> Path | None:
     """Download one artifact of a run under dest; None when the run has no such artifact."""
     return _download(client, run_id, path, dest)
@@ -74,13 +109,14 @@ def load_run(client: Any, ref: str, dest: Path) -> LoadedRun:
     """Fetch a run's manifest and arrays, validate the manifest, check every digest."""
     run_id = parse_run_ref(ref)
     run = get_run(client, run_id)
-    manifest_file = _download(client, run_id, tags.MANIFEST_PATH, dest)
+    repo = _artifact_repo(client, run)
+    manifest_file = _fetch(repo, run_id, tags.MANIFEST_PATH, dest)
     if manifest_file is None:
         raise RunNotFoundError(f"run {run_id} has no {tags.MANIFEST_PATH}: it was not recorded by "
                                "repro-track", run_ref=ref)
     manifest = Manifest.from_json(manifest_file.read_bytes(), run_id)
-    outputs_path = _download(client, run_id, tags.OUTPUTS_PATH, dest)
-    inputs_path = _download(client, run_id, tags.INPUTS_PATH, dest)
+    outputs_path = _fetch(repo, run_id, tags.OUTPUTS_PATH, dest)
+    inputs_path = _fetch(repo, run_id, tags.INPUTS_PATH, dest)
     saved = [o for o in manifest.outputs if o["saved"]]
     if saved and outputs_path is None:
         raise IntegrityError(f"run {run_id}: {tags.OUTPUTS_PATH} is missing", run_id=run_id, item="outputs")
@@ -95,7 +131,7 @@ def load_run(client: Any, ref: str, dest: Path) -> LoadedRun:
                                  item="inputs")
         verify_arrays(inputs_path, saved_inputs, run_id, "input")
     # Checked last, on the very files read above; replay refuses a bad one when signing is required.
-    signature = check_run(client, run_id, _download(client, run_id, tags.SIGNATURE_PATH, dest), dest)
+    signature = check_run(client, run_id, _fetch(repo, run_id, tags.SIGNATURE_PATH, dest), dest)
     return LoadedRun(run_id, run.info.experiment_id, manifest, outputs_path, inputs_path,
                      dict(run.data.tags), signature)
 

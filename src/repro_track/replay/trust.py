@@ -52,9 +52,9 @@ def check_environment(env_vars: dict[str, Any], run_id: str) -> None:
     if bad:
         raise _refuse(run_id, f"its recorded environment holds {_names(bad)}, a loader, interpreter "
                               "or path variable (or no variable name at all)", bad[0])
-    odd = sorted(n for n, v in env_vars["captured"].items() if "\0" in v or len(v) > _MAX_ENV_VALUE)
+    odd = sorted(n for n, v in env_vars["captured"].items() if not v.isprintable() or len(v) > _MAX_ENV_VALUE)
     if odd:
-        raise _refuse(run_id, f"its recorded value of {_names(odd)} holds a NUL byte or is over "
+        raise _refuse(run_id, f"its recorded value of {_names(odd)} holds a control character or is over "
                               f"{_MAX_ENV_VALUE} characters", odd[0])
 
 
