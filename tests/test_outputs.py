@@ -250,6 +250,21 @@ class TestOnePass:
         assert [len(w) for w in windows] == [min(size, count - start) for start in range(0, count, size)]
         assert np.array_equal(np.concatenate([np.asarray(w) for w in windows]), np.asarray(array).reshape(-1))
 
+    def test_a_strided_output_is_never_copied_whole(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        import tracemalloc  # numpy reports its buffers to tracemalloc
+
+        monkeypatch.setattr(outputs, "_STAT_CHUNK", 65536)  # 256 KiB windows of float32
+        item = outputs.NamedArray("x", np.random.default_rng(0).random((2048, 2048), dtype=np.float32).T, "ndarray")
+        tracemalloc.start()
+        try:
+            outputs.describe(item)
+            outputs.save_arrays([item], tmp_path / "a.safetensors")
+            outputs.save_arrays_described([item], tmp_path / "b.safetensors")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < item.value.nbytes // 4  # a 16 MiB array; a whole copy would be 16 MiB
+
     def test_a_failed_write_raises_and_stops_the_hashing_thread(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import threading
 
