@@ -217,6 +217,13 @@ class TestRecordedCode:
         assert len(changed) == 1 and "proj.py changed" in changed[0] and "--current-code" in changed[0]
         assert any("function make changed" in r for r in report.reasons)
 
+    def test_cli_current_code(self, history, tmp_path):
+        done = run_cli("replay", history.runs["c2"], "--tracking-uri", history.uri, "--project-dir",
+                       str(history.repo), "--dry-run", "--current-code", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "expected   close" in done.stdout
+        assert "helpers.py changed); --current-code runs today's code" in done.stdout
+
     def test_helper_edit_is_named(self, history):
         report = do_replay(history, "c2", current_code=True, dry_run=True)
         assert report.expected == "close"
