@@ -38,7 +38,7 @@ from repro_track.recorder import RecordingWarning, recorder_of
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "schemas" / "manifest.schema.json").read_text("utf-8"))
 SECTIONS = {"schema_version", "repro_track_version", "kind", "replay_of", "manifest_digest", "call",
-            "arguments", "randomness", "determinism", "cpu", "gpu", "software", "env_vars", "git", "outputs", "code"}
+            "arguments", "randomness", "determinism", "cpu", "gpu", "software", "env_vars", "git", "outputs", "code", "pipelines"}
 SEED = 1234
 
 
@@ -196,9 +196,12 @@ class TestDdimGeneration:
         assert record["abs_sum"] == pytest.approx(float(np.abs(run["images"].astype(np.float64)).sum()))
 
     def test_png_previews(self, run: dict[str, Any]) -> None:
-        pngs = sorted(p.name for p in (run["dir"] / tags.IMAGES_DIR).iterdir())
-        assert pngs == ["output_0.png"]
-        with Image.open(run["dir"] / tags.IMAGES_DIR / "output_0.png") as image:
+        # MLflow's log_image layout: the full PNG and its compressed thumbnail, keyed by output name.
+        names = sorted(p.name for p in (run["dir"] / tags.IMAGES_DIR).iterdir())
+        assert [n.split("+step+")[0] for n in names] == ["output", "output"]
+        [png] = [n for n in names if n.endswith(".png")]
+        assert names == sorted([png, png[:-len(".png")] + "+compressed.webp"])
+        with Image.open(run["dir"] / tags.IMAGES_DIR / png) as image:
             assert (image.format, image.mode) == ("PNG", "RGB")
             pixels = np.asarray(image)
         step = pixels.shape[0] // 16  # tiny previews are enlarged without smoothing

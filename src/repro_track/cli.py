@@ -49,7 +49,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     dry_run=args.dry_run, atol=args.atol, rtol=args.rtol, log=not args.no_log,
                     force=args.force, current_code=args.current_code,
                     apply_recorded_diff=args.apply_recorded_diff, timeout=args.timeout,
-                    require_signed=args.require_signed or None, progress=_progress(args.json))
+                    require_signed=args.require_signed or None, env=args.env,
+                    allow_new_packages=args.allow_new_packages, progress=_progress(args.json))
     if args.json:
         print(json.dumps(report.to_dict(), sort_keys=True))
         return report.exit_code
@@ -314,6 +315,38 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- keygen
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from . import envbuild, tags
+
+    if args.prune:
+        removed, freed = envbuild.prune(args.older_than)
+        if args.json:
+            print(json.dumps({"removed": [str(p) for p in removed], "bytes_freed": freed}, sort_keys=True))
+        else:
+            print(f"removed {len(removed)} cached environment(s) from {envbuild.cache_root()}, "
+                  f"{freed / 2**20:.1f} MiB freed")
+        return 0
+    if not args.run:
+        raise ReproTrackError("repro-track env: give a RUN, or --prune")
+    with _loaded_runs(args.tracking_uri, args.run) as (loaded,):
+        import tempfile
+        from pathlib import Path
+
+        from . import runs, store
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = runs.fetch_artifact(store.client_for(args.tracking_uri), loaded.run_id,
+                                       f"{tags.ARTIFACT_DIR}/{tags.REQUIREMENTS_FILE}", Path(tmp))
+            text = envbuild.requirements_with_origins(path.read_text("utf-8") if path else "",
+                                                      loaded.manifest.software)
+    if args.json:
+        print(json.dumps({"run_id": loaded.run_id, "requirements": text}, sort_keys=True))
+        return 0
+    print(text, end="")
+    print("# install with: uv pip install --no-deps -r requirements.txt")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
@@ -365,15 +398,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="end the replay's process after this long; the replay is then unverified "
                    "(default: REPRO_TRACK_REPLAY_TIMEOUT, else 3 hours; 0 for no limit)")
-    p.add_argument("--require-signed", action="store_true",
-                   help="refuse a run unless a trusted key signed it and every digest matches "
-                   "(default: REPRO_TRACK_REQUIRE_SIGNED)")
     p.add_argument("--current-code", action="store_true",
                    help="run today's project code, not the recorded commit (the change is named)")
     p.add_argument("--apply-recorded-diff", action="store_true",
                    help="apply the run's recorded uncommitted diff (repro/git.diff) to the recorded commit; "
                    "review it with --dry-run first: it comes from the tracking store")
+    p.add_argument("--require-signed", action="store_true",
+                   help="refuse a run unless a trusted key signed it and every digest matches "
+                   "(default: REPRO_TRACK_REQUIRE_SIGNED)")
+    p.add_argument("--env", choices=("current", "recorded"), default="current",
+                   help="current: this environment's packages (default); recorded: install the recorded "
+                   "versions that differ here with uv into a cached environment layered over this one")
+    p.add_argument("--allow-new-packages", action="store_true",
+                   help="with --env recorded, also install packages not installed here (or from a URL the "
+                   "manifest names) for an unsigned run; review them with --dry-run first")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("env", help="print a run's recorded environment as requirements, or prune the cache",
+                       description="Print the packages a run was recorded with, as a requirements file with "
+                       "their origins and a `uv pip install` line; or remove cached --env recorded "
+                       "environments not used for a while.")
+    p.add_argument("run", nargs="?", help="run id, runs:/<id> URI, or run URL from the MLflow UI")
+    common(p)
+    p.add_argument("--prune", action="store_true", help="remove cached environments instead")
+    p.add_argument("--older-than", type=float, default=30.0, metavar="DAYS",
+                   help="with --prune: unused for this many days (default 30; 0 removes all)")
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("show", help="print a recorded run's manifest for people (or --json)")
     run_arg(p)

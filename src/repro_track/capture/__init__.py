@@ -31,11 +31,12 @@ class Environment:
 
 @functools.lru_cache(maxsize=1)
 def _static() -> tuple[dict[str, Any], dict[str, Any], str]:
-    from . import cpu, packages, torch_state
+    from . import cpu, packages, provenance, torch_state
 
     requirements = packages.requirements_text()
     software = {
         **packages.platform_info(),
+        "provenance": provenance.provenance(),
         "torch": torch_state.torch_software(),
         "packages": packages.package_versions(),
         "distributions_count": len(packages.installed_distributions()),

@@ -70,7 +70,7 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
            dry_run: bool = False, atol: float | None = None, rtol: float | None = None,
            log: bool = True, force: bool = False, current_code: bool = False,
            apply_recorded_diff: bool = False, diff_trusted: bool = False, timeout: float | None = None,
-           require_signed: bool | None = None,
+           require_signed: bool | None = None, env: str = "current", allow_new_packages: bool = False,
            progress: Callable[[str], None] = _quiet) -> ReplayReport:
     """Replay a recorded run here and report expected vs observed.
 
@@ -108,16 +108,28 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
         source, root, source_sha = check_entry_point(m, entry_dir)
         check_arguments(m.arguments, loaded.run_id, root, entry_dir)  # pipeline classes, dtypes
         here = dataclasses.replace(describe_here(source_sha, m.to_dict()), code=code_plan.facts())
+        env_plan, interpreter = None, ""
+        if env == "recorded":  # rebuilt (or planned, for a dry run) before predicting against it
+            env_plan, here, interpreter = _recorded_environment(client, loaded, tmpdir, here, allow_new_packages,
+                                                                build=not dry_run, progress=progress)
+        elif env != "current":
+            raise ReproTrackError(f"--env must be 'current' or 'recorded', not {env!r}")
         prediction = predict(m.to_dict(), here)
         reasons = [r.text for r in prediction.reasons]
         missing_parts = parts.unavailable(m.to_dict(), project)  # a model folder or commit not here
         reasons += missing_parts
         expected = "none" if missing_parts else prediction.expected
+        changed = _package_changes(client, loaded, tmpdir, here) if env == "current" else []
+        if changed:
+            reasons.append("installed packages differ from the recording (" + "; ".join(changed)
+                           + "); --env recorded installs the recorded versions")
+            expected = "close" if expected == "exact" else expected
         overwritten = _overwritten_files(m.outputs)
         reasons += [f"the replay would overwrite {path}, a file the recorded call returned"
                     + ("" if force else "; pass --force to let it") for path in overwritten]
         plan = build_plan(m, loaded.run_id, project, here, source, root, loaded.inputs_path, force)
-        plan = dataclasses.replace(plan, notes=plan.notes + code_plan.describe())
+        plan = dataclasses.replace(plan, notes=plan.notes + code_plan.describe()
+                                   + (env_plan.describe() if env_plan else []), interpreter=interpreter)
         progress(f"expected: {expected}" + "".join(f"\n  - {r}" for r in reasons))
         base = dict(run_id=loaded.run_id, expected=expected, reasons=reasons,
                     plan=plan.describe())
@@ -141,11 +153,61 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
         observed, why = observed_level(results, m.call, replayed["call"])
         reasons += [why] if why else []
         reasons += parts.child_notes(out) + parts.pipeline_differences(m.to_dict(), replayed)
+        reasons += _trajectory_reason(m.trajectory, replayed.get("trajectory"))
         report = ReplayReport(replay_run_id=None, observed=observed, outputs=results, **base)
         if log:
             progress("logging the replay as a new MLflow run")
             report = _log(client, loaded, report, out, replayed)
         return report
+
+
+def _recorded_environment(client: Any, loaded: Any, tmpdir: Path, here: Any, allow_new: bool, *,
+                          build: bool, progress: Callable[[str], None]) -> tuple[Any, Any, str]:
+    """Plan (and unless a dry run, build) the recorded package set; the facts the rules then see."""
+    from .. import envbuild, runs, tags
+
+    path = tmpdir / "original" / tags.ARTIFACT_DIR / tags.REQUIREMENTS_FILE
+    if not path.is_file():
+        path = runs.fetch_artifact(client, loaded.run_id, f"{tags.ARTIFACT_DIR}/{tags.REQUIREMENTS_FILE}",
+                                   tmpdir / "original")
+    software = loaded.manifest.software
+    env_plan = envbuild.plan(path.read_text("utf-8") if path else "", software,
+                             trusted=loaded.signature.verified, allow_new=allow_new)
+    if not build:
+        versions = {**envbuild.parse_requirements(_here_requirements()),
+                    **{s.split("==")[0]: s.split("==")[1] for s in env_plan.install if "==" in s}}
+        return env_plan, _with_versions(here, versions), ""
+    python = envbuild.build(env_plan, software, progress)
+    return env_plan, _with_versions(here, envbuild.versions_in(python)), str(python)
+
+
+def _package_changes(client: Any, loaded: Any, tmpdir: Path, here: Any) -> list[str]:
+    """Distributions whose version differs from the recording (only looked up when the sets differ)."""
+    from .. import envbuild, runs, tags
+
+    from ..capture import provenance
+
+    software = loaded.manifest.software
+    recorded_origins = (software.get("provenance") or {}).get("origins") or {}
+    if (software.get("distributions_sha256") == here.software.get("distributions_sha256")
+            and all(envbuild.same_origin(o, provenance.origins().get(n)) for n, o in recorded_origins.items())):
+        return []
+    path = runs.fetch_artifact(client, loaded.run_id, f"{tags.ARTIFACT_DIR}/{tags.REQUIREMENTS_FILE}",
+                               tmpdir / "requirements")
+    return envbuild.package_differences(path.read_text("utf-8"), _here_requirements(), software) if path else []
+
+
+def _here_requirements() -> str:
+    from ..capture import packages
+
+    return packages.requirements_text()
+
+
+def _with_versions(here: Any, versions: dict[str, str]) -> Any:
+    """The rules' facts with the package versions of the environment the child really gets."""
+    software = dict(here.software)
+    software["packages"] = {name: versions.get(name.lower(), None) for name in software.get("packages", {})}
+    return dataclasses.replace(here, software=software)
 
 
 def _code(client: Any, loaded: Any, project: Path, tmpdir: Path, cleanup: ExitStack, *,
@@ -214,7 +276,7 @@ def _run_child(plan: Any, out: Path, timeout: float | None) -> str | None:
     scratch.mkdir()
     # The child's stdout is the user's function's stdout: send it to our stderr so --json stays clean.
     # Its own session, so that a timeout ends whatever it started too.
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD_LAUNCHER, str(plan_file), str(out)],
+    proc = subprocess.Popen([plan.interpreter or sys.executable, "-c", _CHILD_LAUNCHER, str(plan_file), str(out)],
                             cwd=scratch, env=env, stdout=sys.stderr, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -250,6 +312,15 @@ def _end_group(proc: subprocess.Popen) -> None:
             continue
         if sig == signal.SIGTERM:
             break
+
+
+def _trajectory_reason(recorded: list[dict[str, Any]], replayed: list[dict[str, Any]] | None) -> list[str]:
+    """Where the replay left the recorded denoising trajectory (``noise differs``, ``diverged at step
+    7 of 50``), as a reason; nothing when they agree or either run recorded none."""
+    from ..trajectory import divergence_words
+
+    words = divergence_words(recorded, replayed)
+    return [f"the replay {words}" if words.startswith("diverged") else words] if words else []
 
 
 def _compare(loaded: Any, replayed: dict[str, Any], out: Path, atol: float | None,

@@ -36,6 +36,7 @@ class ReplayPlan:
     inputs_path: str | None
     force: bool = False
     notes: list[str] = field(default_factory=list)
+    interpreter: str = ""  # a rebuilt environment's python (--env recorded); empty: this one
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (written for the child)."""
@@ -79,9 +80,15 @@ def _arg_words(arg: dict[str, Any], m: dict[str, Any]) -> str:
     return f"{arg['kind']} {arg.get('dtype', '')} {arg.get('shape', '')}".strip()
 
 
-def check_entry_point(m: Manifest, project_dir: Path) -> tuple[Path, Path, str | None]:
-    """(source file, import root, current source digest); refuse anything not decorated here."""
+def check_entry_point(m: Manifest, project_dir: Path) -> tuple[Path | None, Path, str | None]:
+    """(source file, import root, current source digest); refuse anything not decorated here.
+
+    A pipeline call recorded by autolog has no source file: its entry point is a diffusers pipeline
+    class's own ``__call__`` (checked here by name, and again in the child among diffusers' exports)."""
     call = m.call
+    if call.get("entry") == "pipeline_call":
+        check_pipeline_entry(call, m.arguments)
+        return None, project_dir, None
     if not call["source_file"]:
         raise EntryPointRefused(
             f"the manifest names {call['module']}:{call['qualname']} without a project source file; "
@@ -98,6 +105,36 @@ def check_entry_point(m: Manifest, project_dir: Path) -> tuple[Path, Path, str |
     root = path.parent if call["is_script"] else import_root(project_dir, call["source_file"],
                                                               call["module"])
     return path, root, source.sha256
+
+
+def check_pipeline_entry(call: dict[str, Any], arguments: dict[str, Any]) -> None:
+    """Refuse a pipeline-call entry point unless it is ``diffusers...Class.__call__`` and its first
+    argument is a recorded pipeline of a diffusers class."""
+    import re
+
+    name, _, method = call["qualname"].rpartition(".")
+    positional = [a for a in arguments.values() if a.get("parameter") == "positional_only"]
+    first = positional[0] if len(positional) == 1 else None  # the pipeline the call was made on
+    if (method != "__call__" or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,99}", name)
+            or not call["module"].startswith("diffusers.") or call["source_file"] is not None):
+        raise EntryPointRefused(
+            f"the manifest names {call['module']}:{call['qualname']} as a pipeline call; only the call "
+            "of a diffusers pipeline class can be replayed without a source file")
+    if first is None or first.get("kind") != "pipeline" or first.get("parameter") != "positional_only" \
+            or not str(first["pipeline"].get("class", "")).startswith("diffusers."):
+        raise EntryPointRefused(
+            f"the manifest names {call['module']}:{call['qualname']} as a pipeline call, but its first "
+            "argument is not a recorded diffusers pipeline")
+    from ..errors import UntrustedManifestError
+    from .trust import pipeline_class
+
+    try:
+        cls = pipeline_class(f"{call['module']}.{name}")  # looked up among diffusers' exports
+    except UntrustedManifestError as exc:
+        raise EntryPointRefused(f"{exc} (the manifest names it as the pipeline call to replay)") from None
+    if cls.__module__ != call["module"] or cls.__qualname__ != name:
+        raise EntryPointRefused(f"{call['module']}.{name} is not where diffusers defines the pipeline "
+                                f"{cls.__qualname__}; refusing to run it")
 
 
 def describe_here(source_sha256: str | None, manifest: dict[str, Any] | None = None) -> Here:
@@ -173,7 +210,7 @@ def build_plan(m: Manifest, run_id: str, project_dir: Path, here: Here, source: 
     """Assemble the plan from a checked manifest."""
     env_set, env_unset, notes = child_environment(m, here)
     return ReplayPlan(
-        run_id=run_id, project_dir=str(project_dir.resolve()), source_path=str(source),
+        run_id=run_id, project_dir=str(project_dir.resolve()), source_path=str(source) if source else "",
         module=m.call["module"], qualname=m.call["qualname"], is_script=m.call["is_script"],
         import_root=str(root), env_set=env_set, env_unset=env_unset, knobs=m.determinism,
         manifest=m.to_dict(), inputs_path=str(inputs_path) if inputs_path else None, force=force,
