@@ -187,3 +187,15 @@ def _replay_raw(envs: dict, *args: str) -> tuple[int, str, str]:
                            "--project-dir", str(envs["project"]), *args],
                           capture_output=True, text=True, env=envs["env"], cwd=envs["root"], timeout=900)
     return done.returncode, done.stdout, done.stderr
+
+
+@pytest.mark.slow
+def test_audit_replays_in_the_recorded_environment(envs: dict) -> None:
+    """`audit --env recorded` plans each run's environment; an unsigned run that needs a URL install
+    is that run's error, named, and the audit goes on."""
+    done = subprocess.run([str(envs["replayer"]), "-m", "repro_track.cli", "audit", "envs", "--env", "recorded",
+                           "--no-log", "--json", "--project-dir", str(envs["project"])],
+                          capture_output=True, text=True, env=envs["env"], cwd=envs["root"], timeout=900)
+    report = json.loads(done.stdout)
+    [item] = report["runs"]
+    assert item["observed"] == "error" and "only a run signed by a trusted key may add it" in item["error"]

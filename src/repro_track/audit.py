@@ -106,8 +106,10 @@ def _replay_one(run_id: str, options: dict[str, Any]) -> AuditItem:
 
 def audit(experiment: str, *, tracking_uri: str | None = None, sample: int | None = None,
           workers: int = 2, project_dir: str | None = None, seed: int = 0, log: bool = True,
-          log_replays: bool = True, progress: Callable[[str], None] = lambda _: None) -> AuditReport:
-    """Replay ``sample`` recorded runs (all when None) of an experiment, ``workers`` at a time."""
+          log_replays: bool = True, env: str = "current",
+          progress: Callable[[str], None] = lambda _: None) -> AuditReport:
+    """Replay ``sample`` recorded runs (all when None) of an experiment, ``workers`` at a time
+    (``env="recorded"``: each in its rebuilt package environment, as ``replay --env recorded``)."""
     from . import store
 
     client = store.client_for(tracking_uri)
@@ -115,7 +117,7 @@ def audit(experiment: str, *, tracking_uri: str | None = None, sample: int | Non
     if sample is not None and sample < len(runs):
         runs = sorted(random.Random(seed).sample(runs, sample), key=runs.index)
     progress(f"replaying {len(runs)} run(s) of {experiment!r} with {workers} worker(s)")
-    options = {"tracking_uri": client.tracking_uri, "project_dir": project_dir, "log": log_replays}
+    options = {"tracking_uri": client.tracking_uri, "project_dir": project_dir, "log": log_replays, "env": env}
     items: list[AuditItem] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for item in pool.map(lambda r: _replay_one(r, options), runs):

@@ -274,7 +274,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     report = audit(args.experiment, tracking_uri=args.tracking_uri, sample=args.sample,
                    workers=args.workers, project_dir=args.project_dir, seed=args.seed,
-                   log=not args.no_log, log_replays=not args.no_log,
+                   log=not args.no_log, log_replays=not args.no_log, env=args.env,
                    progress=_progress(args.json))
     if args.json:
         print(json.dumps(report.to_dict(), sort_keys=True))
@@ -463,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample choice (default: 0)")
     p.add_argument("--project-dir", help="folder the runs were recorded in (default: current directory)")
     p.add_argument("--no-log", action="store_true", help="log neither the replays nor the audit run")
+    p.add_argument("--env", choices=("current", "recorded"), default="current",
+                   help="replay each run in this environment (default) or its rebuilt recorded one")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing recordings",
