@@ -294,32 +294,34 @@ class TestRecordingEdges:
 
 
 class TestSyncResumes:
-    """A sync interrupted after creating a run leaves it unfinished; the next sync redoes it once."""
+    """A sync interrupted after creating a run leaves it unfinished; the next sync adopts and finishes it."""
 
-    def test_partial_run_is_replaced(self, migrated_store, tmp_path, monkeypatch):
+    def test_partial_run_is_adopted(self, migrated_store, tmp_path, monkeypatch):
         import torch
 
         import repro_track
         from repro_track import spool, store, tags
 
         monkeypatch.setenv("REPRO_TRACK_PROBE_TIMEOUT", "0.5")
-        monkeypatch.setenv("REPRO_TRACK_DELIVERY", "sync")  # the warning comes from the call itself
 
         @repro_track.record(experiment="resume", tracking_uri="http://127.0.0.1:9")  # nothing listens
         def make():
             return torch.ones(2)
 
-        with pytest.warns(repro_track.RecordingWarning):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", repro_track.RecordingWarning)
             make()
+            assert repro_track.last_recording(make).wait(60) is None
         entry = next(spool.pending())
         client = store.client_for(migrated_store)
         # What an interrupted sync leaves behind: the run exists, tagged, but never finished.
         experiment_id = store.ensure_experiment(client, "resume")
-        client.create_run(experiment_id, tags={tags.SPOOL_ID: entry.recording_id})
+        partial = client.create_run(experiment_id, tags={tags.SPOOL_ID: entry.recording_id}).info.run_id
         done = run_cli("sync", "--tracking-uri", migrated_store, env={**os.environ})
         assert done.returncode == 0, done.stderr
         runs = _runs(migrated_store, "resume")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert runs[0].info.run_id == partial  # finished in place, never deleted
         assert runs[0].data.tags[tags.SPOOL_ID] == entry.recording_id
         assert list(spool.pending()) == []
 
