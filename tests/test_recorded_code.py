@@ -258,6 +258,7 @@ class TestRecordedDiff:
         report = do_replay(history, "dirty", diff_trusted=True, dry_run=True)
         assert report.expected == "exact"
         assert any("recorded uncommitted diff (sha256" in line and "applied" in line for line in report.plan)
+        assert git(history.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
 
     @pytest.mark.parametrize("trusted, expected", [pytest.param(True, "exact", id="trusted-signer"),
                                                    pytest.param(False, "close", id="unknown-signer")])
