@@ -19,9 +19,11 @@ import pytest
 from conftest import (RecordedProject, clone_run, recording_env, run_cli, run_script, stored_artifact,
                       write_project)
 
+import repro_track
 from repro_track import runs, signing, store, tags
 from repro_track.capture import sources
 from repro_track.replay import replay
+from repro_track.recorder import recorder_of
 from repro_track.replay.code import CURRENT, RECORDED, SAME, plan_code
 
 HELPERS_PY = '''
@@ -62,6 +64,14 @@ RECORD_PY = '''
 '''
 
 SECRET_LINE = 'API_TOKEN = "ghp_' + "Zq8xR2vT9wLk3mN7pB4cY6dF1gH5jS0aE2uI"[:36] + '"\n'
+
+
+@repro_track.record
+def draw(n: int):
+    """A recorded function of this test module, captured in-process (nothing logged)."""
+    import torch
+
+    return torch.zeros(n)
 
 
 def git(repo: Path, *args: str) -> str:
@@ -182,6 +192,16 @@ class TestImportedFiles:
         (root / "untracked_mod.py").write_text("Y = 3  # edited\n", "utf-8")
         again = sources.imported_files(root, sources.tracked_files(root))
         assert again[1]["sha256"] == hashlib.sha256(b"Y = 3  # edited\n").hexdigest() != files[1]["sha256"]
+
+    def test_a_failed_listing_keeps_the_recording(self, monkeypatch):
+        def broken(root, tracked):
+            raise RuntimeError("cannot list")
+
+        monkeypatch.setattr(sources, "imported_files", broken)
+        _, error, recording = recorder_of(draw).capture((3,), {})
+        assert error is None and recording is not None
+        code = recording.manifest.code
+        assert code["files"] == [] and code["module_sha256"] == sources.file_sha256(__file__)
 
     def test_skips_repro_track_and_the_venv(self):
         repo = Path(__file__).resolve().parents[1]

@@ -246,9 +246,7 @@ def _used_pipelines(entry: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _code_identity(fn: Callable[..., Any], site: dict[str, Any], git: dict[str, Any]) -> dict[str, Any]:
-    """The project's code as recorded: commit, uncommitted-diff digest, and the module file's digest."""
-    from .capture import sources
-
+    """The project's code as recorded: commit, uncommitted-diff digest, module and imported files."""
     module_sha, files = None, []
     try:
         path = Path(inspect.getsourcefile(fn) or "")
@@ -256,13 +254,23 @@ def _code_identity(fn: Callable[..., Any], site: dict[str, Any], git: dict[str, 
             stat = path.stat()
             module_sha = _file_sha256(str(path), stat.st_mtime_ns, stat.st_size)
             _, root = _function_source(str(path), stat.st_mtime_ns, stat.st_size, fn.__qualname__)
-            # Every project module loaded at the end of the call (helpers included), by digest.
-            tracked = sources.tracked_files(root) if git.get("available") else None
-            files = sources.imported_files(root, tracked)
+            files = _imported_files(root, git)
     except (TypeError, OSError):
         module_sha = None
     return {"commit": git.get("commit"), "diff_sha256": git.get("diff_sha256"),
             "module_file": site["source_file"], "module_sha256": module_sha, "files": files}
+
+
+def _imported_files(root: Path, git: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every project module loaded at the end of the call (helpers included), by digest."""
+    from .capture import sources
+
+    try:
+        tracked = sources.tracked_files(root) if git.get("available") else None
+        return sources.imported_files(root, tracked)
+    except Exception as exc:  # the list only sharpens the replay's code check; the recording goes on
+        log.debug("imported project files not listed: %r", exc)
+        return []
 
 
 @functools.lru_cache(maxsize=256)
