@@ -25,7 +25,7 @@ from .replay import ReplayReport, replay
 __all__ = [
     "EntryPointRefused", "IntegrityError", "ManifestError", "NotReplayableError", "RecordOutcome",
     "RecordingWarning", "ReplayReport", "ReproTrackError", "RunNotFoundError", "StoreError", "__version__",
-    "deterministic", "flush", "last_recording", "parent_run", "record", "replay",
+    "autolog", "deterministic", "flush", "last_recording", "parent_run", "record", "replay",
 ]
 
 
@@ -39,6 +39,10 @@ def __getattr__(name: str) -> Any:
         from .delivery import flush
 
         return flush
+    if name == "autolog":
+        from .autologging import autolog  # not .autolog: a submodule would shadow the function
+
+        return autolog
     if name == "deterministic":
         from .determinism import deterministic
 

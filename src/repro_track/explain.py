@@ -70,8 +70,26 @@ def _global_category(path: str, ma: dict, mb: dict) -> str:
     return "noise" if _consumed(ma, which) or _consumed(mb, which) else "cosmetic"
 
 
+def _trajectory_words(path: str, a: Any, b: Any, ma: dict, mb: dict) -> str:
+    from .trajectory import divergence_words
+
+    words = divergence_words(ma.get("trajectory"), mb.get("trajectory"))
+    if words is None:
+        return "only one of the runs recorded its denoising trajectory"
+    return f"denoising trajectory: {words}"
+
+
+def _trajectory_category(path: str, ma: dict, mb: dict) -> str:
+    # Where the latents first parted: at the noise, or later in the computation (the noise agreed).
+    from .trajectory import first_divergence
+
+    found = first_divergence(ma.get("trajectory"), mb.get("trajectory"))
+    return "noise" if found is not None and found[1] == 0 else "arithmetic" if found else "cosmetic"
+
+
 # (pattern, category or a function deciding it, explanation)
 EXPLANATIONS: tuple[tuple[str, Any, Explain], ...] = (
+    (r"trajectory(\..*)?", _trajectory_category, _trajectory_words),
     (r"randomness\.generators\.\d+\.device", "noise", _words(
         "generator device: {a} in A, {b} in B; CPU and CUDA generators draw different numbers from "
         "the same seed, so the initial noise differs")),

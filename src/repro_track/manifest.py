@@ -130,14 +130,21 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as JSON data, with its digest."""
-        data = dataclasses.asdict(self)
+        data = self._fields()
         data["manifest_digest"] = digest_of(data)
         return data
 
     @property
     def digest(self) -> str:
         """sha256 of the canonical JSON (without the digest field)."""
-        return digest_of(dataclasses.asdict(self))
+        return digest_of(self._fields())
+
+    def _fields(self) -> dict[str, Any]:
+        # An empty trajectory (no pipeline ran) is left out, so a manifest without one reads back as written.
+        data = dataclasses.asdict(self)
+        if not data["trajectory"]:
+            del data["trajectory"]
+        return data
 
     def to_json(self, *, validate: bool = True) -> str:
         """Pretty, sorted JSON for the artifact; validated first so nothing invalid is written.

@@ -16,14 +16,15 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, ParamSpec, TypeVar, overload
 
 from . import outputs, settings
 from .manifest import Manifest
 from .records import Recording, RecordingWarning, RecordOptions, RecordOutcome
 
 log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 MARKER = "__repro_track__"
 
 
@@ -126,11 +127,14 @@ class Recorder:
                   "it runs unrecorded")
             log.debug("capture failed", exc_info=True)
             return self._call(args, kwargs) + (None,)
+        from . import trajectory
         from .capture import pipelines
 
-        with pipelines.collecting() as loaded:
+        # Pipeline calls inside are not recorded again by autolog; their denoising steps are noted.
+        with pipelines.collecting() as loaded, trajectory.collecting() as steps:
             result, error = self._call(args, kwargs)
         entry["loaded_pipelines"] = loaded
+        entry["trajectory"] = steps
         entry["ended"] = time.perf_counter()
         entry["ended_at"] = _now()
         try:
@@ -175,11 +179,23 @@ class Recorder:
 
         if self._git_pool is None:
             self._git_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="repro-track-git")
-        try:
-            where = Path(inspect.getsourcefile(self.fn) or Path.cwd())
-        except TypeError:
-            where = Path.cwd()
+        where = self._source_location()
         return self._git_pool.submit(capture_git, where if where.exists() else Path.cwd())
+
+    def _source_location(self) -> Path:
+        """Where the recorded code lives (its git state is recorded): the function's file."""
+        try:
+            return Path(inspect.getsourcefile(self.fn) or Path.cwd())
+        except TypeError:
+            return Path.cwd()
+
+    def _call_site(self) -> dict[str, Any]:
+        """The manifest's call section, as far as it names the entry point."""
+        return _call_site(self.fn)
+
+    def _code_identity(self, site: dict[str, Any], git: dict[str, Any]) -> dict[str, Any]:
+        """The manifest's code section."""
+        return _code_identity(self.fn, site, git)
 
     def _finish(self, entry: dict, result: Any, error: BaseException | None, kind: str,
                 replay_of: str | None) -> Recording:
@@ -190,7 +206,7 @@ class Recorder:
         for record, gen in zip(captured.generators, captured.generator_objects):
             record["consumed_by_call"] = torch_state.generator_state_digest(gen) != record["state_sha256"]
         items = outputs.normalise(result) if error is None else []
-        site = _call_site(self.fn)
+        site = self._call_site()
         env = environment(None, git_state=entry["git"].result())
         knobs = entry["knobs"]
         knobs["cuda_used"] = torch_state.cuda_started()  # the call may have started CUDA
@@ -212,8 +228,9 @@ class Recorder:
             env_vars=entry["env"], git=env.git,
             outputs=[outputs.describe(item, saved=self.options.log_outputs and outputs.savable(item.value))
                      for item in items],
-            code=_code_identity(self.fn, site, env.git),
+            code=self._code_identity(site, env.git),
             pipelines=_used_pipelines(entry),
+            trajectory=entry.get("trajectory") or [],
         )
         return Recording(manifest, items if self.options.log_outputs else [], captured.inputs,
                          env.requirements, env.git_diff)
@@ -318,9 +335,21 @@ def _warn(message: str) -> None:
     warnings.warn(message, RecordingWarning, stacklevel=6)
 
 
-def record(fn: F | None = None, *, experiment: str | None = None, run_name: str | None = None,
+@overload
+def record(fn: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def record(fn: None = None, /, *, experiment: str | None = None, run_name: str | None = None,
            tags: dict[str, str] | None = None, tracking_uri: str | None = None,
-           log_outputs: bool = True, deterministic: bool = False) -> Any:
+           log_outputs: bool = True, deterministic: bool = False,
+           ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def record(fn: Callable[P, R] | None = None, /, *, experiment: str | None = None,
+           run_name: str | None = None, tags: dict[str, str] | None = None,
+           tracking_uri: str | None = None, log_outputs: bool = True,
+           deterministic: bool = False) -> Any:
     """Record every call of the decorated function as an MLflow run with a provenance manifest.
 
     Use bare (``@record``) or with options (``@record(experiment="ddim")``). The function's return
@@ -331,18 +360,18 @@ def record(fn: F | None = None, *, experiment: str | None = None, run_name: str 
     options = RecordOptions(experiment, run_name, dict(tags or {}), tracking_uri, log_outputs,
                             deterministic)
 
-    def decorate(func: F) -> F:
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
         from .capture import pipelines
 
         pipelines.install()  # pipelines loaded from here on note their revision and variant
         recorder = Recorder(func, options)
 
         @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             return recorder(*args, **kwargs)
 
         setattr(wrapper, MARKER, recorder)
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
     return decorate(fn) if fn is not None else decorate
 

@@ -126,6 +126,11 @@ def collecting() -> Iterator[list[Any]]:
         _loaded.reset(token)
 
 
+def recording() -> bool:
+    """Whether a recorded call is running in this context (its pipeline calls are part of it)."""
+    return _loaded.get() is not None
+
+
 def pin(revisions: dict[str, str]) -> None:
     """In a replay child: loads of these repo ids that name no revision get the recorded commit."""
     _pins.update({repo: commit for repo, commit in revisions.items() if _COMMIT.match(commit)})

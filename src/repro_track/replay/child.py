@@ -26,6 +26,8 @@ def load_entry(plan: dict[str, Any]) -> Any:
     """The Recorder of the planned function, imported from the planned file and nowhere else."""
     from ..recorder import recorder_of
 
+    if plan["manifest"]["call"].get("entry") == "pipeline_call":
+        return load_pipeline_entry(plan["manifest"]["call"])
     source = Path(plan["source_path"]).resolve()
     sys.path.insert(0, plan["import_root"])
     if plan["is_script"]:
@@ -45,6 +47,21 @@ def load_entry(plan: dict[str, Any]) -> Any:
     if recorder is None:
         raise EntryPointRefused(f"{plan['qualname']} in {source} is not decorated with repro_track.record")
     return recorder
+
+
+def load_pipeline_entry(call: dict[str, Any]) -> Any:
+    """The recorder of a pipeline call recorded by autolog: a diffusers pipeline class only, looked up
+    among diffusers' exports and defined where the manifest says (nothing else is imported)."""
+    from ..autologging import PipelineRecorder, entry_function
+    from ..records import RecordOptions
+    from .trust import pipeline_class
+
+    name = call["qualname"].rpartition(".")[0]
+    cls = pipeline_class(f"{call['module']}.{name}")
+    if cls.__module__ != call["module"] or cls.__qualname__ != name:
+        raise EntryPointRefused(f"{call['module']}.{name} is not where diffusers defines "
+                                f"{cls.__qualname__}; refusing to run it")
+    return PipelineRecorder(entry_function(cls), RecordOptions())
 
 
 def _pipeline(identity: dict[str, Any], force: bool, where: "Rebuild") -> Any:
@@ -234,7 +251,6 @@ def run(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Rebuild, call, and stage the replay's recording; returns the status written for the parent."""
     from ..capture.torch_state import apply_knobs, restore_global_rng
     from ..outputs import load_arrays
-    from ..recorder import Recorder
     from ..spool import stage
 
     from ..capture import dispatch
@@ -244,7 +260,7 @@ def run(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     m = plan["manifest"]
     pin_recorded_revisions(m)  # before the entry module loads: it may load a pipeline at import
     recorder = load_entry(plan)
-    replayer = Recorder(recorder.fn, dataclasses.replace(recorder.options, log_outputs=True))
+    replayer = type(recorder)(recorder.fn, dataclasses.replace(recorder.options, log_outputs=True))
     inputs = load_arrays(Path(plan["inputs_path"])) if plan["inputs_path"] else {}
     where = Rebuild(project_dir=plan.get("project_dir"))
     args, kwargs = build_arguments(m, recorder.signature, inputs, plan["force"], where)
