@@ -63,8 +63,9 @@ def image_links(run_id: str, paths: list[str], limit: int = 4) -> list[str]:
     """Markdown images served by the MLflow UI's own artifact endpoint (relative to the UI page)."""
     from urllib.parse import quote
 
-    return [f"![{Path(p).stem}](get-artifact?path={quote(p, safe='')}&run_uuid={run_id})"
-            for p in paths[:limit]]
+    # The files are log_image's own (``images/{key}+step+...png``): the key is the alt text.
+    return [f"![{Path(p).stem.split('+step+')[0].replace('~', '/')}]"
+            f"(get-artifact?path={quote(p, safe='')}&run_uuid={run_id})" for p in paths[:limit]]
 
 
 def record_card(m: dict[str, Any], run_id: str, replays: list[str] | None = None,

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import settings, spool
+from . import conventions, settings, spool
 from .context import ParentRun
 from .manifest import Manifest, validate
 from .records import Recording, RecordingWarning, RecordOptions, RecordOutcome
@@ -232,14 +232,19 @@ def deliver(recording: Recording, options: RecordOptions, *, parent: ParentRun |
     """
     uri = resolve_tracking_uri(options.tracking_uri)
     parent_id, parent_experiment = _parent_run(uri, parent)
-    experiment = options.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
+    # The decorator's experiment, else the user's MLflow choice, else "repro-track"; a named
+    # experiment wins over the parent run's, an experiment id set through MLflow does not.
+    followed = {} if options.experiment else conventions.followed_experiment(uri)
+    experiment = options.experiment or followed.get("experiment")
     meta = {
         "recording_id": uuid.uuid4().hex,
         "tracking_uri": uri,
-        "experiment": experiment or "repro-track",
+        "experiment": experiment or conventions.DEFAULT_EXPERIMENT,
+        "experiment_id": followed.get("experiment_id"),
         "parent_experiment_id": parent_experiment if experiment is None else None,
         "run_name": options.run_name or _default_run_name(recording.manifest),
         "tags": {**options.tags, **(extra_tags or {})},
+        "context_tags": conventions.context_tags(),
         "parent_run_id": parent_id,
     }
     entry = spool.create(recording, meta, validate=False)

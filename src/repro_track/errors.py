@@ -64,6 +64,14 @@ class StoreError(ReproTrackError, ConnectionError):
     """The MLflow tracking store could not be reached or refused a write."""
 
 
+class StoreAuthError(StoreError):
+    """The tracking server answered but refused the credentials (HTTP 401 or 403)."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
 class SignatureError(ReproTrackError, PermissionError):
     """A run that must be signed is unsigned, or its signature does not verify with a trusted key."""
 

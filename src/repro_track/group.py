@@ -22,16 +22,15 @@ def parent_run(name: str | None = None, *, experiment: str | None = None,
     another). Threads started inside do not inherit it (use ``contextvars.copy_context``). The parent
     ends FINISHED, or FAILED if the block raised.
     """
-    import os
-
-    from . import store, tags as tag_keys
+    from . import conventions, store, tags as tag_keys
 
     uri = store.resolve_tracking_uri(tracking_uri)
     client = store.client_for(uri)
-    experiment_id = store.ensure_experiment(
-        client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "repro-track")
+    followed = {} if experiment else conventions.followed_experiment(uri)
+    experiment_id = followed.get("experiment_id") or store.ensure_experiment(
+        client, experiment or followed.get("experiment") or conventions.DEFAULT_EXPERIMENT)
     run = client.create_run(experiment_id, run_name=name,
-                            tags={tag_keys.KIND: "group", **(tags or {})})
+                            tags={**conventions.context_tags(), tag_keys.KIND: "group", **(tags or {})})
     parent = ParentRun(run.info.run_id, experiment_id, uri)
     status = "FAILED"
     try:

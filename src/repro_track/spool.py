@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from . import outputs, settings
 from .errors import StoreError
-from .tags import (ARTIFACT_DIR, GIT_DIFF_FILE, IMAGES_DIR, INPUTS_FILE, MANIFEST_FILE, OUTPUTS_FILE,
+from .tags import (ARTIFACT_DIR, GIT_DIFF_FILE, INPUTS_FILE, MANIFEST_FILE, OUTPUTS_FILE,
                    REQUIREMENTS_FILE)
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,20 @@ def stage(recording: Any, artifacts: Path, *, images: bool = True, validate: boo
     (repro / REQUIREMENTS_FILE).write_text(recording.requirements, "utf-8")
     if recording.git_diff:
         (repro / GIT_DIFF_FILE).write_text(recording.git_diff, "utf-8")
-    if images and recording.outputs:
-        folder = artifacts / IMAGES_DIR
-        folder.mkdir(exist_ok=True)
-        if not outputs.image_files(recording.outputs, folder):
-            folder.rmdir()
+    if images and recording.outputs:  # in MLflow's log_image layout (key = output name, step set)
+        from .run_images import final_step, image_frames, stage_images
+
+        m = recording.manifest
+        stage_images(image_frames(recording.outputs), artifacts,
+                     step=final_step(m.arguments), timestamp_ms=_ms(m.call["ended_at"]))
     from .signing import sign_staged  # last: the signature covers every file written above
     sign_staged(artifacts, recording.manifest.digest)
+
+
+def _ms(iso: str) -> int:
+    import datetime as dt
+
+    return int(dt.datetime.fromisoformat(iso).timestamp() * 1000)
 
 
 def fallback_root() -> Path:

@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from . import settings, signing, spool, tags
-from .errors import StoreError
+from .errors import StoreAuthError, StoreError
 from .runs import LoadedRun, get_run
 
 log = logging.getLogger(__name__)
@@ -83,19 +83,44 @@ def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
     raise AssertionError("unreachable")
 
 
+_AUTH_HINT = ("set MLFLOW_TRACKING_TOKEN (bearer token) or MLFLOW_TRACKING_USERNAME and "
+              "MLFLOW_TRACKING_PASSWORD, or the MLFLOW_TRACKING_AUTH plugin, as for MLflow itself")
+
+
 def probe(uri: str) -> None:
-    """Raise StoreError quickly when an HTTP tracking server does not answer its health check."""
+    """Raise StoreError quickly when an HTTP tracking server does not answer its health check.
+
+    The request goes through MLflow's own machinery (its host credentials: token or basic auth, TLS
+    settings, client certificate, request-header plugins) with no retries and repro-track's short
+    deadline. Any HTTP answer means the server is up; 401 or 403 raises StoreAuthError.
+    """
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
-    url = uri.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(url, timeout=settings.PROBE_TIMEOUT.get()) as response:
-            response.read(64)
-    except (urllib.error.URLError, OSError) as exc:
-        raise StoreError(f"tracking server {uri} is not reachable ({exc})") from None
+        response = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0,
+                                backoff_factor=0, backoff_jitter=0, retry_codes=(),
+                                timeout=settings.PROBE_TIMEOUT.get(), raise_on_status=False)
+    except Exception as exc:  # MLflow wraps connection, TLS and timeout failures alike
+        problem = _first_line(exc)
+        hint = ("; for a private CA set MLFLOW_TRACKING_SERVER_CERT_PATH to its certificate"
+                if "SSL" in problem or "certificate" in problem else "")
+        raise StoreError(f"tracking server {uri} is not reachable ({problem}){hint}") from None
+    if response.status_code in (401, 403):
+        raise StoreAuthError(f"tracking server {uri} refused the credentials (HTTP "
+                             f"{response.status_code} on /health): {_AUTH_HINT}",
+                             status=response.status_code)
+
+
+def _first_line(exc: BaseException) -> str:
+    # MLflow's message wraps urllib3's; the cause ("Connection refused", the TLS error) is the news.
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    if "(Caused by " in text:
+        text = text.split("(Caused by ", 1)[1].removesuffix(")")
+    return text[:400]
 
 
 # ---------------------------------------------------------------- writing runs
@@ -203,7 +228,9 @@ def ensure_experiment(client: Any, name: str) -> str:
             raise StoreError(f"experiment {name!r} is deleted; restore it in MLflow or pick another name")
         return found.experiment_id
     try:
-        return _retry(lambda: client.create_experiment(name))
+        # Tagged so that the MLflow 3 UI opens it in its model-development view, not the GenAI one.
+        return _retry(lambda: client.create_experiment(
+            name, tags={tags.MLFLOW_EXPERIMENT_KIND: tags.EXPERIMENT_KIND_MODEL_DEVELOPMENT}))
     except Exception:
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -240,9 +267,14 @@ def upload(client: Any, entry: spool.SpoolEntry) -> str:
 
 def _experiment_of(client: Any, meta: dict[str, Any]) -> str:
     # Inside a parent run of the same store, the recording joins the parent's experiment.
+    # An experiment id the user chose through MLflow (set_experiment, MLFLOW_EXPERIMENT_ID) names an
+    # experiment of that store only.
+    same_store = meta.get("tracking_uri") == client.tracking_uri
     parent_experiment = meta.get("parent_experiment_id")
-    if parent_experiment and meta.get("tracking_uri") == client.tracking_uri:
+    if parent_experiment and same_store:
         return parent_experiment
+    if meta.get("experiment_id") and same_store:
+        return meta["experiment_id"]
     return experiment_id_for(client, meta["experiment"])
 
 
@@ -251,23 +283,27 @@ def _upload(client: Any, entry: spool.SpoolEntry, m: dict[str, Any], experiment_
     from mlflow.entities import Param, RunTag
 
     from .card import record_card
+    from .run_images import full_images
 
     meta = entry.meta
-    run_tags_ = {**run_tags(m, m["manifest_digest"]), **meta.get("tags", {}),
-                 tags.SPOOL_ID: entry.recording_id}
+    # MLflow's context tags (user, git branch, repository) first: the manifest's own facts win.
+    run_tags_ = {**meta.get("context_tags", {}), **run_tags(m, m["manifest_digest"]),
+                 **meta.get("tags", {}), tags.SPOOL_ID: entry.recording_id}
     if meta.get("parent_run_id"):
         run_tags_[tags.MLFLOW_PARENT_RUN_ID] = meta["parent_run_id"]
     signature = signing.check_tree(entry.artifacts)
     if signature.signed and signature.key_id:
         run_tags_[tags.SIGNED_BY] = signature.key_id
+    images = full_images([p.relative_to(entry.artifacts).as_posix()
+                          for p in (entry.artifacts / tags.IMAGES_DIR).glob("*.png")])
+    if images:  # staged in log_image's layout; this tag is the rest of what log_image does
+        run_tags_[tags.MLFLOW_LOGGED_IMAGES] = "True"
     if adopted is None:
         run = _retry(lambda: client.create_run(experiment_id, start_time=_ms(m["call"]["started_at"]),
                                                tags=run_tags_, run_name=meta.get("run_name")))
     else:
         run = adopted
     run_id = run.info.run_id
-    images = sorted(p.relative_to(entry.artifacts).as_posix()
-                    for p in (entry.artifacts / tags.IMAGES_DIR).glob("*.png"))
     card = meta.get("card") or record_card(m, run_id, images=images, signature=signature)
     logged = run.data.params if adopted is not None else {}
     params = [Param(k, v) for k, v in sorted(run_params(m).items()) if k not in logged]
@@ -324,6 +360,7 @@ def find_recording(client: Any, experiment_id: str, recording_id: str) -> Any | 
 def add_replay_link(client: Any, original: LoadedRun, replay_run_id: str, summary: str) -> None:
     """Link an original run to a replay: the ``repro.replays`` tag and the card's replay list."""
     from .card import record_card
+    from .run_images import full_images
 
     run = get_run(client, original.run_id)
     previous = run.data.tags.get(tags.REPLAYS, "")
@@ -333,7 +370,7 @@ def add_replay_link(client: Any, original: LoadedRun, replay_run_id: str, summar
     lines.append(summary)
     client.set_tag(original.run_id, tags.REPLAY_LINES, json.dumps(lines[-20:])[:MAX_TAG_CHARS])
     try:
-        images = sorted(f.path for f in client.list_artifacts(original.run_id, tags.IMAGES_DIR))
+        images = full_images([f.path for f in client.list_artifacts(original.run_id, tags.IMAGES_DIR)])
     except Exception:  # the card is a convenience; a listing failure must not fail the replay
         images = []
     card = record_card(original.manifest.to_dict(), original.run_id, lines, images=images,

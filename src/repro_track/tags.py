@@ -43,6 +43,12 @@ MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 MLFLOW_SOURCE_NAME = "mlflow.source.name"
 MLFLOW_SOURCE_TYPE = "mlflow.source.type"
 MLFLOW_RUN_NAME = "mlflow.runName"
+MLFLOW_USER = "mlflow.user"
+MLFLOW_GIT_BRANCH = "mlflow.source.git.branch"
+MLFLOW_GIT_REPO_URL = "mlflow.source.git.repoURL"
+MLFLOW_LOGGED_IMAGES = "mlflow.loggedImages"  # the UI lists images/ (image grid, compare view)
+MLFLOW_EXPERIMENT_KIND = "mlflow.experimentKind"  # on experiments: which view the MLflow 3 UI opens
+EXPERIMENT_KIND_MODEL_DEVELOPMENT = "custom_model_development"
 
 # Artifacts.
 ARTIFACT_DIR = "repro"
