@@ -346,6 +346,18 @@ def _plugin_entropy(plugin: Any, value: str) -> float:
 @functools.lru_cache(maxsize=1)
 def _plugins() -> _Plugins | None:
     """detect-secrets' plugins, made once per process (None when the package is missing)."""
+    import warnings
+
+    # Importing detect-secrets calls logging.captureWarnings(True), which would route every warning
+    # of the user's process (RecordingWarning included) into logging, where nobody sees it.
+    shown = warnings.showwarning
+    try:
+        return _load_plugins()
+    finally:
+        warnings.showwarning = shown
+
+
+def _load_plugins() -> _Plugins | None:
     try:
         from detect_secrets.plugins import keyword
         from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString, HexHighEntropyString
