@@ -246,7 +246,8 @@ def recorded_run_id(fn: Any, timeout: float = 120.0) -> str:
     wait = getattr(outcome, "wait", None)  # background delivery: the run id comes with the upload
     run_id = wait(timeout) if wait is not None else getattr(outcome, "run_id", None)
     if run_id is None:
-        raise RuntimeError(f"a recorded call was not logged to MLflow: {outcome}")
+        raise RuntimeError(f"a recorded call was not logged to MLflow: {outcome}; "
+                           f"error: {getattr(outcome, 'error', None)}")
     return run_id
 
 

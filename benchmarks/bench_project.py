@@ -46,6 +46,7 @@ HANDWRITTEN = '''
     The fixture holds the tags, params, metrics, manifest and requirements of a run repro-track
     recorded, so both sides write the same bytes; the output tensor is serialised here, per call.
     """
+    import base64
     import json
     import time
     from pathlib import Path
@@ -67,10 +68,10 @@ HANDWRITTEN = '''
         client.log_batch(run_id, metrics=[Metric(k, v, start, 0) for k, v in fixture["metrics"].items()],
                          params=[Param(k, v) for k, v in fixture["params"].items()])
         staging = Path(staging)
-        for relative, text in fixture["files"].items():
+        for relative, encoded in fixture["files"].items():
             path = staging / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, "utf-8")
+            path.write_bytes(base64.b64decode(encoded))
         save_file({"output": result.contiguous()}, str(staging / fixture["outputs_file"]),
                   metadata=fixture["outputs_metadata"])
         for index, relative in enumerate(fixture.get("images", [])):  # (N, H, W, C) floats in [0, 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from bench_common import (STEPS, Config, Row, Workspace, flush_pending, fmt, int
 
 
 def handwritten_fixture(uri: str, run_id: str, folder: Path) -> dict[str, Any]:
-    """What repro-track logged for one call (tags, params, metrics, artifact texts), to log again by hand.
+    """What repro-track logged for one call (tags, params, metrics, artifact bytes), to log again by hand.
 
     Image previews are not copied: the hand-written side writes a PNG of its own generation's image
     under the same name (``images``), as a user logging by hand would.
@@ -34,7 +35,7 @@ def handwritten_fixture(uri: str, run_id: str, folder: Path) -> dict[str, Any]:
         "run_name": run.data.tags.get(tags.MLFLOW_RUN_NAME),
         "params": dict(run.data.params),
         "metrics": dict(run.data.metrics),
-        "files": {p.relative_to(folder).as_posix(): p.read_text("utf-8") for p in files
+        "files": {p.relative_to(folder).as_posix(): base64.b64encode(p.read_bytes()).decode("ascii") for p in files
                   if p.relative_to(folder).as_posix() != tags.OUTPUTS_PATH and p.suffix != ".png"},
         "images": [p.relative_to(folder).as_posix() for p in files if p.suffix == ".png"],
         "outputs_file": tags.OUTPUTS_PATH,
