@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import json
 import os
 import re
 import shutil
@@ -246,6 +247,42 @@ class TestImages:
         run = client.get_run(uploaded["run_id"])
         assert artifact_paths(client, run.info.run_id, tags.IMAGES_DIR) == staged
         assert run.data.tags[tags.MLFLOW_LOGGED_IMAGES] == "True"
+
+
+class TestNativeInputs:
+    """The pipeline is a logged model linked to the run, image arguments are the run's dataset inputs."""
+
+    def test_seed_sweep_shares_one_logged_model_and_lists_its_image_input(
+            self, migrated_store: str, client: Any, model_dir: Path, fluent_state: None) -> None:
+        import diffusers
+        import torch
+        from PIL import Image
+
+        pipe = diffusers.DDIMPipeline.from_pretrained(str(model_dir / "tiny-ddim"))
+        pipe.set_progress_bar_config(disable=True)
+        mask = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+
+        @repro_track.record
+        def generate(pipe: Any, mask: Any, seed: int) -> np.ndarray:
+            return pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(seed),
+                        output_type="np").images
+
+        runs = []
+        for seed in (1, 2):
+            generate(pipe, mask, seed)
+            runs.append(recorded_run(generate, client))
+        models = [[m.model_id for m in run.inputs.model_inputs] for run in runs]
+        assert len(models[0]) == 1 and models[0] == models[1]
+        model = client.get_logged_model(models[0][0])
+        assert (model.name, model.model_type, str(model.status)) == ("tiny-ddim", "diffusers-pipeline", "READY")
+        assert model.params["class"] == "diffusers.pipelines.ddim.pipeline_ddim.DDIMPipeline"
+        assert model.source_run_id == runs[0].info.run_id
+        [image_input] = runs[1].inputs.dataset_inputs
+        manifest = Path(client.download_artifacts(runs[1].info.run_id, tags.MANIFEST_PATH))
+        recorded = json.loads(manifest.read_text("utf-8"))["arguments"]["mask"]
+        assert (image_input.dataset.name, image_input.dataset.source_type, image_input.dataset.digest) == (
+            "mask", "repro-track", recorded["sha256"][:32])
+        assert json.loads(image_input.dataset.source) == {"artifact": tags.INPUTS_PATH, "key": "mask"}
 
 
 # ---------------------------------------------------------------- servers behind a proxy

@@ -27,6 +27,7 @@ SCHEMA_VERSION = "repro.schema_version"
 STATUS = "repro.status"
 RISKS = "repro.risks"
 SPOOL_ID = "repro.spool_id"
+PIPELINE = "repro.pipeline"  # on logged models: digest of the pipeline identity they stand for
 SIGNED_BY = "repro.signed_by"  # key id of the recording's signature (claimed; verify to trust)
 
 # Replay tags.
