@@ -31,7 +31,7 @@ def _current() -> dict:
 def _as_v2(v3: dict) -> dict:
     """The same manifest as version 2 wrote it (no code section)."""
     v2 = copy.deepcopy(v3)
-    del v2["code"]
+    del v2["code"], v2["pipelines"]
     v2["schema_version"] = 2
     v2["manifest_digest"] = digest_of(v2)
     return v2

@@ -118,6 +118,10 @@ EXPLANATIONS: tuple[tuple[str, Any, Explain], ...] = (
     (r"arguments\.([^.]+)\.(value|sha256)(\..*)?", "input", _words(
         "argument {path}: {a} in A, {b} in B; the call computed something else")),
     (r"arguments\..*", "input", _words("argument {path}: {a} in A, {b} in B")),
+    (r"code\.files(\..*)?", "input", _words(
+        "the project's source files differ ({path}); the call ran other code")),
+    (r"code\.(commit|diff_sha256|module_sha256)", "input", _words(
+        "the project's code differs ({path}: {a} in A, {b} in B)")),
     (r"call\.source_sha256", "input", _words(
         "the function's source code differs between the runs")),
     (r"call\.(module|qualname|source_file)", "input", _words("another function: {a} vs {b}")),

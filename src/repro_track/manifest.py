@@ -48,6 +48,7 @@ def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
     data["code"] = {"commit": git.get("commit"), "diff_sha256": git.get("diff_sha256"),
                     "module_file": (data.get("call") or {}).get("source_file"), "module_sha256": None,
                     "files": []}
+    data["pipelines"] = []  # pipelines loaded inside the call were not recorded before version 3
     data["schema_version"] = 3
     return data
 

@@ -55,6 +55,7 @@ def platform_info() -> dict[str, Any]:
 def clear_cache() -> None:
     """Forget cached versions (for tests that change what is installed)."""
     _versions.cache_clear()
+    distributions.cache_clear()
     _distributions.cache_clear()
     _platform.cache_clear()
 
@@ -80,14 +81,19 @@ def _version(name: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _distributions() -> tuple[str, ...]:
-    seen: dict[str, str] = {}
+def distributions() -> tuple[metadata.Distribution, ...]:
+    """Every installed distribution, in ``sys.path`` order, listed once per process."""
     try:
-        distributions = list(metadata.distributions())
+        return tuple(metadata.distributions())
     except Exception as exc:
         log.debug("could not list installed distributions: %r", exc)
         return ()
-    for dist in distributions:
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> tuple[str, ...]:
+    seen: dict[str, str] = {}
+    for dist in distributions():
         try:
             name = dist.metadata["Name"]
             version = dist.version

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import configparser
 import functools
-import importlib.metadata as metadata
 import json
 import os
 import re
@@ -36,8 +35,10 @@ def _normalize(name: str) -> str:
 @functools.lru_cache(maxsize=1)
 def origins() -> dict[str, dict[str, Any]]:
     """For each distribution installed from somewhere other than an index: its PEP 610 origin."""
+    from .packages import distributions
+
     found: dict[str, dict[str, Any]] = {}
-    for dist in metadata.distributions():
+    for dist in distributions():
         try:
             name, text = dist.metadata["Name"], dist.read_text("direct_url.json")
         except Exception:  # broken metadata must not break recording
