@@ -178,14 +178,16 @@ class TestSlowStore:
         with pytest.warns(repro_track.RecordingWarning, match="goes on in the background"):
             make()
         outcome = repro_track.last_recording(make)
-        assert outcome.run_id is None and outcome.spool_path is not None
-        # While the upload runs, sync must leave the entry alone (this process owns it).
+        path = outcome.spool_path
+        assert outcome.run_id is None and path is not None
+        # While the upload runs, sync must leave the entry alone (this process has claimed it).
         deadline = time.monotonic() + 60
-        while outcome.spool_path.exists() and time.monotonic() < deadline:
+        while path.exists() and time.monotonic() < deadline:
             done = run_cli("sync", env={**os.environ})
             assert done.returncode == 0, done.stderr
             time.sleep(0.2)
-        assert not outcome.spool_path.exists()
+        assert not path.exists()
+        assert outcome.wait(60) is not None and outcome.spool_path is None
         assert len(_runs(migrated_store, "slow")) == 1
 
 
