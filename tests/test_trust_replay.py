@@ -141,7 +141,7 @@ class TestMachineLocalVariables:
         env_reasons = [r for r in plan.reasons if r.startswith("environment variables differ")]
         assert env_reasons and "PYTHONHASHSEED" in env_reasons[0]
         assert "CUDA_VISIBLE_DEVICES" not in env_reasons[0] and "HF_ENDPOINT" not in env_reasons[0]
-        assert plan.expected == "exact"
+        assert plan.expected == "exact", plan.reasons
 
 
 class TestVariableClasses:
