@@ -126,6 +126,17 @@ class TestReplay:
         assert (report.expected, report.observed) == ("exact", "exact"), report.reasons
         assert report.outputs["images"].bitwise_equal
 
+    @pytest.mark.slow
+    def test_every_step_kept_and_compared(self, tracking_uri, ddim, tmp_path):
+        repro_track.autolog(log_every_step=True)
+        ddim(num_inference_steps=2, generator=torch.Generator().manual_seed(6), output_type="np")
+        run_id = repro_track.last_recording(ddim.__call__).wait(120)
+        report = repro_track.replay(run_id, project_dir=tmp_path, log=False)
+        assert sorted(report.outputs) == ["images", "step_latents.0.000", "step_latents.0.001",
+                                          "step_latents.0.002"]
+        assert report.observed == "exact"
+        assert all(c.bitwise_equal for c in report.outputs.values())
+
     @pytest.mark.parametrize("module, qualname", [
         ("os", "system.__call__"),
         ("diffusers.utils", "load_image.__call__"),

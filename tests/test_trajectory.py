@@ -31,8 +31,9 @@ class TestCollecting:
     """A DDIM pipeline's steps are noted through its scheduler, step 0 being the initial noise."""
 
     def test_notes_every_step_and_the_noise(self, ddim):
-        with trajectory.collecting() as steps:
+        with trajectory.collecting() as collected:
             ddim(num_inference_steps=3, generator=torch.Generator().manual_seed(11), output_type="np")
+        steps = collected.steps
         assert [(s["call"], s["step"]) for s in steps] == [(0, 0), (0, 1), (0, 2), (0, 3)]
         size = ddim.unet.config.sample_size
         noise = torch.randn((1, ddim.unet.config.in_channels, size, size),
@@ -43,16 +44,24 @@ class TestCollecting:
         assert len({s["sha256"] for s in steps}) == 4  # each step moved the latents
 
     def test_each_pipeline_call_is_its_own_segment(self, ddim):
-        with trajectory.collecting() as steps:
+        with trajectory.collecting() as collected:
             for seed in (1, 2):
                 ddim(num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="np")
+        steps = collected.steps
         assert [(s["call"], s["step"]) for s in steps] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
 
     def test_nothing_is_noted_outside_a_recording(self, ddim):
-        with trajectory.collecting() as steps:
+        with trajectory.collecting() as collected:
             pass
         ddim(num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="np")
-        assert steps == []
+        assert collected.steps == [] and collected.kept == []
+
+    def test_keeps_the_latents_only_when_asked(self, ddim):
+        with trajectory.collecting(keep=True) as collected:
+            ddim(num_inference_steps=2, generator=torch.Generator().manual_seed(4), output_type="np")
+        assert [name for name, _ in collected.kept] == [
+            "step_latents.0.000", "step_latents.0.001", "step_latents.0.002"]
+        assert [sha256_of(t) for _, t in collected.kept] == [s["sha256"] for s in collected.steps]
 
 
 class TestDivergenceWords:

@@ -51,9 +51,9 @@ def autolog(*, disable: bool = False, log_outputs: bool = True, log_every_step: 
     """Record every diffusers pipeline call as a run, with the manifest ``@record`` writes.
 
     ``disable=True`` turns it off again (the wrappers stay and call straight through).
-    ``log_outputs`` saves the returned arrays and images as with ``@record``. ``log_every_step`` asks
-    for per-step latents to be kept as well (the trajectory's digests and statistics are always
-    recorded). With ``exclusive=True`` a call made while a user's MLflow run (or a
+    ``log_outputs`` saves the returned arrays and images as with ``@record``. ``log_every_step`` also
+    keeps each denoising step's latents as outputs (``step_latents.<call>.<step>``), which a replay
+    then compares step by step; the trajectory's digests and statistics are always recorded. With ``exclusive=True`` a call made while a user's MLflow run (or a
     ``repro_track.parent_run``) is active is not recorded; by default it is recorded as a child run
     of that run. The other options are those of :func:`repro_track.record`.
     """
@@ -96,7 +96,8 @@ def _patch(cls: type) -> None:
             recorder.forget()  # an unrecorded call must not leave the previous call's run behind
             with trajectory.segment():
                 return original(self, *args, **kwargs)
-        recorder.options = _config.options  # type: ignore[union-attr]  # autolog() may have been called again
+        # autolog() may have been called again since the class was wrapped.
+        recorder.options, recorder.keep_steps = _config.options, _config.log_every_step  # type: ignore[union-attr]
         return recorder(self, *args, **kwargs)
 
     setattr(__call__, HOOK, True)

@@ -85,6 +85,7 @@ class Recorder:
         self.signature = inspect.signature(fn)
         self._local = threading.local()
         self._git_pool: Any = None
+        self.keep_steps = False  # keep each denoising step's latents as outputs too
 
     @property
     def last(self) -> RecordOutcome | None:
@@ -131,10 +132,10 @@ class Recorder:
         from .capture import pipelines
 
         # Pipeline calls inside are not recorded again by autolog; their denoising steps are noted.
-        with pipelines.collecting() as loaded, trajectory.collecting() as steps:
+        with pipelines.collecting() as loaded, trajectory.collecting(self.keep_steps) as steps:
             result, error = self._call(args, kwargs)
         entry["loaded_pipelines"] = loaded
-        entry["trajectory"] = steps
+        entry["trajectory"], entry["step_latents"] = steps.steps, steps.kept
         entry["ended"] = time.perf_counter()
         entry["ended_at"] = _now()
         try:
@@ -206,6 +207,8 @@ class Recorder:
         for record, gen in zip(captured.generators, captured.generator_objects):
             record["consumed_by_call"] = torch_state.generator_state_digest(gen) != record["state_sha256"]
         items = outputs.normalise(result) if error is None else []
+        if error is None:  # each step's latents, when asked for (autolog's log_every_step)
+            items += [outputs.NamedArray(name, value, "tensor") for name, value in entry["step_latents"]]
         site = self._call_site()
         env = environment(None, git_state=entry["git"].result())
         knobs = entry["knobs"]

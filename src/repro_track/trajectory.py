@@ -23,13 +23,16 @@ from typing import Any, Iterator
 
 HOOK = "__repro_track_step_hook__"
 SEGMENT_HOOK = "__repro_track_segment_hook__"
+STEP_OUTPUT_PREFIX = "step_latents."  # outputs named step_latents.<call>.<step>: kept latents
 
 
 @dataclasses.dataclass
-class _Collector:
+class Collector:
     """The steps noted so far in one recorded call (mutable: it fills while the call runs)."""
 
+    keep: bool = False  # also keep a CPU copy of each step's latents (autolog's log_every_step)
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    kept: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
     call: int = -1  # which pipeline call of the recorded function the next steps belong to
     step: int = 0
     fresh: bool = True  # the next step opens a segment: note its input sample as step 0
@@ -37,7 +40,7 @@ class _Collector:
     calls_open: int = 0
 
 
-_active: contextvars.ContextVar[_Collector | None] = contextvars.ContextVar("repro_track_trajectory",
+_active: contextvars.ContextVar[Collector | None] = contextvars.ContextVar("repro_track_trajectory",
                                                                             default=None)
 
 
@@ -54,13 +57,14 @@ def summary(tensor: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def collecting() -> Iterator[list[dict[str, Any]]]:
-    """Collect the trajectory of the pipelines run inside the block (this context only)."""
+def collecting(keep: bool = False) -> Iterator[Collector]:
+    """Collect the trajectory of the pipelines run inside the block (this context only); with
+    ``keep``, each step's latents too (as ``kept``: output name, CPU tensor)."""
     install()
-    collector = _Collector()
+    collector = Collector(keep=keep)
     token = _active.set(collector)
     try:
-        yield collector.steps
+        yield collector
     finally:
         _active.reset(token)
 
@@ -80,7 +84,7 @@ def segment() -> Iterator[None]:
         collector.calls_open -= 1
 
 
-def _note(collector: _Collector, sample: Any, result: Any) -> None:
+def _note(collector: Collector, sample: Any, result: Any) -> None:
     prev = getattr(result, "prev_sample", None)
     if prev is None and isinstance(result, tuple) and result:
         prev = result[0]
@@ -89,9 +93,16 @@ def _note(collector: _Collector, sample: Any, result: Any) -> None:
     if collector.fresh:
         collector.call, collector.step, collector.fresh = collector.call + 1, 0, False
         if _is_tensor(sample):
-            collector.steps.append({"call": collector.call, "step": 0, **summary(sample)})
+            _add(collector, sample)
     collector.step += 1
-    collector.steps.append({"call": collector.call, "step": collector.step, **summary(prev)})
+    _add(collector, prev)
+
+
+def _add(collector: Collector, latents: Any) -> None:
+    collector.steps.append({"call": collector.call, "step": collector.step, **summary(latents)})
+    if collector.keep:
+        name = f"{STEP_OUTPUT_PREFIX}{collector.call}.{collector.step:03d}"
+        collector.kept.append((name, latents.detach().to("cpu", copy=True)))
 
 
 def _is_tensor(value: Any) -> bool:

@@ -254,6 +254,7 @@ def run(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     from ..spool import stage
 
     from ..capture import dispatch
+    from ..trajectory import STEP_OUTPUT_PREFIX
 
     _quiet_libraries()
     apply_knobs(plan["knobs"])
@@ -261,6 +262,8 @@ def run(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     pin_recorded_revisions(m)  # before the entry module loads: it may load a pipeline at import
     recorder = load_entry(plan)
     replayer = type(recorder)(recorder.fn, dataclasses.replace(recorder.options, log_outputs=True))
+    # A recording that kept each step's latents (autolog's log_every_step) is compared step by step.
+    replayer.keep_steps = any(o["name"].startswith(STEP_OUTPUT_PREFIX) for o in m["outputs"])
     inputs = load_arrays(Path(plan["inputs_path"])) if plan["inputs_path"] else {}
     where = Rebuild(project_dir=plan.get("project_dir"))
     args, kwargs = build_arguments(m, recorder.signature, inputs, plan["force"], where)
