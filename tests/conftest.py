@@ -126,10 +126,13 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` on a loopback port over a SQLite store, with served artifacts."""
+    """A real `mlflow server` on a loopback port over a SQLite store (or the given backend store URI,
+    passed through the environment), with served artifacts."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, backend_store_uri: str | None = None, workers: int = 1):
         self.root = root
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -141,12 +144,15 @@ class MlflowServer:
 
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "server.log", "ab")
+        # The job runner (MLflow's GenAI jobs) only adds processes; a session of its own lets kill()
+        # take the server's workers down with it.
+        env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri,
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
-             "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+             "--workers", str(self.workers)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -161,13 +167,22 @@ class MlflowServer:
 
     def stop(self) -> None:
         """Stop the server (and its workers)."""
+        import signal
+
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.kill()
+
+    def kill(self) -> None:
+        """Kill the server and its workers at once (SIGKILL), as a crash would."""
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 @pytest.fixture(scope="session")
