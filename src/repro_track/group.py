@@ -38,4 +38,9 @@ def parent_run(name: str | None = None, *, experiment: str | None = None,
             yield parent
         status = "FINISHED"
     finally:
+        from . import delivery, settings
+
+        # The children upload in the background: give them the logging deadline to land first, so
+        # the parent does not end (in the UI) before its children exist.
+        delivery.flush(settings.LOG_TIMEOUT.get())
         store.set_terminated(client, parent.run_id, status, int(time.time() * 1000))
