@@ -55,7 +55,7 @@ class Row:
     measured: float
     baseline: float | None
     baseline_name: str
-    unit: str  # "s" (lower is better) or "MiB/s" (higher is better)
+    unit: str  # "s" (lower is better), "MiB/s" or "rec/s" (recordings per second; higher is better)
     target: str = "-"
     met: bool | None = None
     note: str = ""
@@ -84,6 +84,8 @@ def fmt(value: float, unit: str) -> str:
     """A time (s, ms, us) or a throughput, as the table shows it."""
     if unit == "MiB/s":
         return f"{value:,.0f} MiB/s"
+    if unit == "rec/s":
+        return f"{value:,.1f} rec/s"
     if value < 1e-3:
         return f"{value * 1e6:.1f} us"
     if value < 1:

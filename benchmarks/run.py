@@ -29,6 +29,7 @@ import bench_capture
 import bench_cli
 import bench_outputs
 import bench_peers
+import bench_postgres
 import bench_recording
 import bench_replay
 from bench_common import QUICK, Config, Row, Workspace, progress
@@ -41,6 +42,7 @@ ROWS: dict[int, tuple[str, Callable[[Workspace, Config], list[Row]]]] = {
     5: ("CLI cold start", bench_cli.row_cli),
     6: ("replay", bench_replay.row_replay),
     7: ("peers: MLflow fluent API, Weights & Biases offline", bench_peers.row_peers),
+    8: ("recordings/s against a PostgreSQL-backed tracking server", bench_postgres.row_server_throughput),
 }
 HEADERS = ["row", "measured", "baseline", "ratio", "target", "met?"]
 
