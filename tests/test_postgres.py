@@ -178,6 +178,7 @@ class _Lines:
         raise AssertionError(f"only {len(self.lines)} of {count} lines within {timeout} s")
 
     def join(self) -> list[str]:
+        """Every line, once all the processes have closed their output."""
         for thread in self._threads:
             thread.join()
         return list(self.lines)
