@@ -53,9 +53,9 @@ def autolog(*, disable: bool = False, log_outputs: bool = True, log_every_step: 
     ``disable=True`` turns it off again (the wrappers stay and call straight through).
     ``log_outputs`` saves the returned arrays and images as with ``@record``. ``log_every_step`` also
     keeps each denoising step's latents as outputs (``step_latents.<call>.<step>``), which a replay
-    then compares step by step; the trajectory's digests and statistics are always recorded. With ``exclusive=True`` a call made while a user's MLflow run (or a
-    ``repro_track.parent_run``) is active is not recorded; by default it is recorded as a child run
-    of that run. The other options are those of :func:`repro_track.record`.
+    then compares step by step; the trajectory's digests and statistics are always recorded.
+    With ``exclusive=True`` a call made while a user's MLflow run (or a ``repro_track.parent_run``)
+    is active is not recorded; by default it is recorded as a child run of that run. The other options are those of :func:`repro_track.record`.
     """
     global _config
     options = RecordOptions(experiment, run_name, dict(tags or {}), tracking_uri, log_outputs,
@@ -88,7 +88,8 @@ def _patch(cls: type) -> None:
     original = cls.__dict__.get("__call__")
     if not callable(original) or getattr(original, HOOK, False):
         return
-    recorder = PipelineRecorder(entry_function(cls, original), (_config or AutologConfig(RecordOptions())).options)
+    options = _config.options if _config is not None else RecordOptions()
+    recorder = PipelineRecorder(entry_function(cls, original), options)
 
     @functools.wraps(original)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -97,7 +98,8 @@ def _patch(cls: type) -> None:
             with trajectory.segment():
                 return original(self, *args, **kwargs)
         # autolog() may have been called again since the class was wrapped.
-        recorder.options, recorder.keep_steps = _config.options, _config.log_every_step  # type: ignore[union-attr]
+        assert _config is not None  # _records_now() said so
+        recorder.options, recorder.keep_steps = _config.options, _config.log_every_step
         return recorder(self, *args, **kwargs)
 
     setattr(__call__, HOOK, True)
