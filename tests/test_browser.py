@@ -96,3 +96,81 @@ class TestReplayRunPage:
         text = page.inner_text("body")
         assert "Expected: exact" in text and "Observed: exact" in text
         assert page.locator(f"a[href*='{recorded['run_id']}']").count() >= 1
+
+
+SWEEP_SCRIPT = '''
+import json
+import sys
+
+import numpy as np
+
+import repro_track
+
+
+@repro_track.record(experiment="browser-sweep")
+def sweep(seed: int, num_inference_steps: int = 4) -> np.ndarray:
+    """A tiny seeded image, as a pipeline with output_type="np" returns one."""
+    return np.random.default_rng(seed).random((1, 8, 8, 3)).astype(np.float32)
+
+
+ids = []
+for seed in (1, 2, 3):
+    sweep(seed)
+    ids.append(repro_track.last_recording(sweep).wait(120))
+print(json.dumps(ids))
+'''
+
+
+@pytest.fixture(scope="module")
+def sweep(mlflow_server, tmp_path_factory):
+    """A seed sweep of three runs recorded into the server, each with one output image."""
+    work = tmp_path_factory.mktemp("browser-sweep")
+    (work / "sweep.py").write_text(SWEEP_SCRIPT, "utf-8")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "REPRO_TRACK_SPOOL_DIR": str(work / "spool")}
+    done = run_script(work / "sweep.py", env=env, cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(ids), done.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = MlflowClient(mlflow_server.url).get_run(ids[0]).info.experiment_id
+    return {"ids": ids, "experiment_id": experiment_id, "url": mlflow_server.url}
+
+
+def _chart_view(browser, sweep, run_ids):
+    """The experiment's runs in the chart (compare) view, filtered to ``run_ids``."""
+    from urllib.parse import quote
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    where = quote("attributes.run_id IN (" + ",".join(f"'{i}'" for i in run_ids) + ")", safe="")
+    page.goto(f"{sweep['url']}/#/experiments/{sweep['experiment_id']}/runs?compareRunsMode=CHART"
+              f"&searchFilter={where}")
+    page.get_by_text(f"{len(run_ids)} matching runs").first.wait_for(timeout=60_000)
+    return page
+
+
+def _shown_images(page, run_ids):
+    """Wait until each run's logged image is shown (loaded, not just referenced); return their count."""
+    for run_id in run_ids:
+        image = page.locator(f"img[src*='images%2Foutput'][src*='{run_id}']").first
+        image.wait_for(timeout=60_000)
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    return page.locator("img[src*='images%2Foutput']").count()
+
+
+class TestImageGrid:
+    """Output images are MLflow images: the sweep's grid and the compare view show them."""
+
+    def test_seed_sweep_in_the_image_grid(self, browser, sweep):
+        page = _chart_view(browser, sweep, sweep["ids"])
+        assert _shown_images(page, sweep["ids"]) >= 3
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "seed-sweep-image-grid.png"), full_page=True)
+
+    def test_compare_view_of_two_runs_shows_both_images(self, browser, sweep):
+        pair = sweep["ids"][:2]
+        page = _chart_view(browser, sweep, pair)
+        _shown_images(page, pair)
+        assert page.locator(f"img[src*='images%2Foutput'][src*='{sweep['ids'][2]}']").count() == 0
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "compare-two-runs.png"), full_page=True)
