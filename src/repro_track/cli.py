@@ -272,10 +272,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import OUTCOMES, audit
 
-    report = audit(args.experiment, tracking_uri=args.tracking_uri, sample=args.sample,
-                   workers=args.workers, project_dir=args.project_dir, seed=args.seed,
-                   log=not args.no_log, log_replays=not args.no_log, env=args.env,
-                   progress=_progress(args.json))
+    # Ray's driver prints the cluster's messages (a dead worker) to stdout from a thread of its own;
+    # they belong with the progress on stderr, so that --json prints one object.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = audit(args.experiment, tracking_uri=args.tracking_uri, sample=args.sample,
+                       workers=args.workers, project_dir=args.project_dir, seed=args.seed,
+                       log=not args.no_log, log_replays=not args.no_log, env=args.env,
+                       executor=args.executor, address=args.address, same_gpu=not args.any_gpu,
+                       progress=_progress(args.json))
     if args.json:
         print(json.dumps(report.to_dict(), sort_keys=True))
     else:
@@ -284,6 +288,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(_table(["expected \\ observed", *OUTCOMES], rows))
         print(f"\n{len(report.items)} replayed: {report.rate['exact']:.0%} exact, "
               f"{report.rate['ok']:.0%} as good as expected")
+        print("\n" + _table(["recorded GPU", "torch", "runs", "exact", "as expected", "error"],
+                            [[g["gpu"], g["torch"], g["runs"], g["exact"], g["ok"], g["error"]]
+                             for g in report.breakdown]))
         for item in report.items:
             if not item.ok:
                 print(f"  {item.run_id}: expected {item.expected}, observed {item.observed}"
@@ -465,6 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-log", action="store_true", help="log neither the replays nor the audit run")
     p.add_argument("--env", choices=("current", "recorded"), default="current",
                    help="replay each run in this environment (default) or its rebuilt recorded one")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="run the replays in a local process pool (default) or as tasks on a Ray cluster, "
+                   "each on a node with the GPUs and GPU model its recording used (pip install "
+                   "'repro-track[ray]')")
+    p.add_argument("--address", help="with --executor ray: the cluster to join (e.g. auto, or ray://HOST:10001; "
+                   "default: start a local Ray instance of --workers CPUs)")
+    p.add_argument("--any-gpu", action="store_true",
+                   help="with --executor ray: place GPU replays on any GPU, not only the recorded model "
+                   "(such a replay is predicted close at best)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing recordings",
