@@ -27,7 +27,7 @@ HEAVY = ("torch", "mlflow", "diffusers", "transformers")
 
 @dataclass(frozen=True)
 class Config:
-    """How many repetitions each row takes (full run: under 5 minutes on 2 cores; quick: about 1)."""
+    """How many repetitions each row takes (full run: about 5 minutes on 2 quiet cores; quick: 1 to 2)."""
 
     calls: int = 50  # row 1, timed calls per variant
     warmup: int = 5
