@@ -153,7 +153,9 @@ _PIECE_SEPARATORS = re.compile(r"[/_\-+=]+")
 
 # The entropy plugins only look at quoted strings long enough to pass their limits, and repro-track hands
 # them unquoted base64-ish runs of 20 characters or more; other strings skip them.
-_ENTROPY_RUN = re.compile(r"[A-Za-z0-9+/=_\-]{20,}")
+# "/" ends a run: a path's folders are judged one by one, so a temporary folder's random suffix or a
+# cache snapshot's commit inside a path does not make the whole path look like a token.
+_ENTROPY_RUN = re.compile(r"[A-Za-z0-9+=_\-]{20,}")
 _QUOTED_RUN = re.compile(r"""["'][A-Za-z0-9+/=_\-]{8,}["']""")
 # detect-secrets' keyword plugin looks for these words (lower-cased): api_key, db_pass, pwd, password...
 _KEYWORD_MARKERS = ("key", "pass", "pwd", "secret", "contrase")
@@ -390,12 +392,20 @@ def _looks_like_id(run: str) -> bool:
 
 
 def _word_pieces(run: str) -> bool:
+    """Words joined by separators ("stable-diffusion-v1-5"), allowing one short random piece such as a
+    temporary folder's suffix ("repro-track-bench-94ru58x7"): a generated token is one long piece."""
     pieces = [piece for piece in _PIECE_SEPARATORS.split(run) if piece]
-    return len(pieces) >= 2 and all(_WORD_PIECE.match(piece) for piece in pieces)
+    odd = [piece for piece in pieces if not _WORD_PIECE.match(piece)]
+    return len(pieces) >= 3 and len(odd) <= 1 and all(len(piece) <= 10 for piece in odd) or (
+        len(pieces) >= 2 and not odd)
 
 
 def _is_random_token(run: str) -> bool:
     """A long run mixing letters and digits with high per-character entropy."""
+    if "/" in run.strip("/") and not run.startswith(("ey", "ghp_", "hf_")):
+        # A path: judged folder by folder, so a temporary folder's short random suffix or a cache
+        # snapshot's commit does not make it a token; a long random folder name still does.
+        return any(len(part) >= 16 and _is_random_token(part) for part in run.split("/"))
     if _looks_like_id(run) or _word_pieces(run):
         return False
     if not (any(ch.isalpha() for ch in run) and any(ch.isdigit() for ch in run)):
