@@ -221,3 +221,18 @@ class TestPlacement:
         code = "import sys, repro_track, repro_track.audit, repro_track.audit_ray, repro_track.cli; " \
                "sys.exit('ray' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+class TestWithoutRay:
+    """Without Ray installed, `--executor ray` says how to install it, in one line."""
+
+    def test_install_hint(self, migrated_store):
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(migrated_store).create_experiment("empty")
+        code = ("import sys; sys.modules['ray'] = None; from repro_track import cli; "
+                "sys.exit(cli.main(['audit', 'empty', '--executor', 'ray']))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stdout == "", done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == (
+            "repro-track: error: --executor ray needs Ray: pip install 'repro-track[ray]' (or pip install 'ray>=2.9')")
