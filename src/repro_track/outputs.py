@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ _CHUNK = 16 * 1024 * 1024
 _STAT_CHUNK = 1024 * 1024  # elements per chunk: small temporaries that stay in cache
 _PARALLEL_BYTES = 4 * 1024 * 1024  # above this, hash in a thread while the statistics and the write run
 _MIN_PREVIEW = 128  # pixels; PNGs are previews for the UI, the exact bits are in safetensors
+_MAX_FILE_BYTES = 512 * 1024 * 1024  # a returned file larger than this is not kept (nor compared)
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,8 @@ class NamedArray:
 
     name: str
     value: Any  # numpy.ndarray or torch.Tensor
-    source: str  # "tensor", "ndarray", "pil", "number"
+    source: str  # "tensor", "ndarray", "pil", "number", "file"
+    file: dict[str, str] | None = None  # a returned file path: {"path": as returned, "format": ...}
 
 
 def _is_tensor(value: Any) -> bool:
@@ -50,7 +53,9 @@ def normalise(result: Any, prefix: str = "") -> list[NamedArray]:
     import numpy as np
 
     name = prefix or "output"
-    if result is None or isinstance(result, (str, bytes)):
+    if isinstance(result, (str, os.PathLike)):
+        return _file_output(name, result)
+    if result is None or isinstance(result, bytes):
         return []
     if _is_tensor(result):
         return [NamedArray(name, result, "tensor")]
@@ -69,6 +74,39 @@ def normalise(result: Any, prefix: str = "") -> list[NamedArray]:
                 return [NamedArray(name, np.stack(arrays), "pil")]
         return [arr for i, value in enumerate(result) for arr in normalise(value, _join(name, i))]
     return []
+
+
+def file_format(path: str, head: bytes) -> str:
+    """How a returned file's bytes can be decoded for a tolerance comparison (never by unpickling)."""
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    return "bytes"
+
+
+def _file_output(name: str, value: str | os.PathLike) -> list[NamedArray]:
+    """A returned path to an existing file, recorded by its content (the bytes as a uint8 array).
+
+    A relative path is read against the working directory, where the call wrote it; a string that
+    names no file (or a file too large to keep) is not an output, and the replay says it was not compared.
+    """
+    import numpy as np
+
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text or len(text) > 4096:  # the schema's limit on a path
+        return []
+    try:
+        path = Path(text)
+        if not path.is_file() or path.stat().st_size > _MAX_FILE_BYTES:
+            return []
+        data = path.read_bytes()
+    except (OSError, ValueError):  # unreadable, or not a possible path (a NUL byte)
+        return []
+    info = {"path": text, "format": file_format(text, data[:8])}
+    return [NamedArray(name, np.frombuffer(data, dtype=np.uint8), "file", info)]
 
 
 def to_numpy_view(value: Any) -> Any:
@@ -257,7 +295,8 @@ def describe(item: NamedArray, saved: bool = True,
         "nbytes": nbytes,
         "sha256": sha,
         "saved": saved,
-        **stats,
+        # A file's bytes have no meaningful min/max: it is compared by content, decoded by its format.
+        **({"min": None, "max": None, "abs_sum": None, "file": dict(item.file)} if item.file else stats),
     }
 
 
