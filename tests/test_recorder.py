@@ -38,8 +38,8 @@ from repro_track.recorder import RecordingWarning, recorder_of
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "schemas" / "manifest.schema.json").read_text("utf-8"))
 SECTIONS = {"schema_version", "repro_track_version", "kind", "replay_of", "manifest_digest", "call",
-            "arguments", "randomness", "determinism", "cpu", "gpu", "software", "env_vars", "git", "outputs", "code", "pipelines",
-            "trajectory"}  # a pipeline ran: its denoising steps
+            "arguments", "randomness", "determinism", "cpu", "gpu", "software", "env_vars", "git", "outputs",
+            "code", "pipelines", "trajectory"}  # trajectory: a pipeline ran, its denoising steps
 SEED = 1234
 
 

@@ -222,9 +222,9 @@ def _run(command: list[str], env: dict[str, str]) -> None:
 
 def versions_in(python: Path) -> dict[str, str]:
     """The distribution versions the environment's interpreter sees (first on its path wins)."""
-    code = ("import importlib.metadata as m, json; seen = {}\n"
+    code = ("import importlib.metadata as m, json, re; seen = {}\n"
             "for d in m.distributions():\n"
-            "    n = (d.metadata['Name'] or '').lower().replace('_', '-').replace('.', '-')\n"
+            "    n = re.sub(r'[-_.]+', '-', d.metadata['Name'] or '').lower()\n"
             "    seen.setdefault(n, d.version)\n"
             "print(json.dumps(seen))")
     done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300)
@@ -232,6 +232,13 @@ def versions_in(python: Path) -> dict[str, str]:
         raise EnvironmentBuildError(f"the rebuilt environment at {python.parent.parent} does not start: "
                                     f"{done.stderr.strip()[-500:]}")
     return json.loads(done.stdout)
+
+
+def requirements_in(python: Path | str) -> str:
+    """``name==version`` lines as a fresh interpreter sees them: what a replay child will import, not
+    what this process's ``sys.path`` (which a library may have extended at import) shows."""
+    versions = versions_in(Path(python))
+    return "".join(f"{name}=={version}\n" for name, version in sorted(versions.items()) if name)
 
 
 def _touch(path: Path) -> None:

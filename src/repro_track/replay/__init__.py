@@ -194,7 +194,11 @@ def _package_changes(client: Any, loaded: Any, tmpdir: Path, here: Any) -> list[
         return []
     path = runs.fetch_artifact(client, loaded.run_id, f"{tags.ARTIFACT_DIR}/{tags.REQUIREMENTS_FILE}",
                                tmpdir / "requirements")
-    return envbuild.package_differences(path.read_text("utf-8"), _here_requirements(), software) if path else []
+    if path is None:
+        return []
+    # This process's view can be wider than the child's (a library imported here may have put its own
+    # folder on sys.path), so the packages are listed as a fresh interpreter sees them.
+    return envbuild.package_differences(path.read_text("utf-8"), envbuild.requirements_in(sys.executable), software)
 
 
 def _here_requirements() -> str:
