@@ -31,11 +31,11 @@ class Here:
     num_threads: int = 0
     source_sha256: Optional[str] = None
     env_vars: dict[str, Any] = field(default_factory=dict)
+    # Non-CPU device types a generator can be rebuilt on here ("cuda", "mps", "xpu").
+    accelerators: tuple[str, ...] = ()
     # Which code the replay runs and what differs from the recorded code identity
     # (replay.code.CodePlan.facts()); None when not compared.
     code: Optional[dict[str, Any]] = None
-    # Non-CPU device types a generator can be rebuilt on here ("cuda", "mps", "xpu").
-    accelerators: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
