@@ -348,6 +348,7 @@ class TestTransparency:
         assert [w.filename for w in caught if w.category is RecordingWarning] == [__file__]
         assert value.dtype == object and value[0] == {"not": "numbers"}
         assert repro_track.last_recording(produce) is None
+        assert repro_track.flush(120)  # the first call's recording uploads in the background
         assert len(all_runs(client)) == 1
 
 
