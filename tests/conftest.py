@@ -23,7 +23,8 @@ def _private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     still in the background are finished before the next test starts."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REPRO_TRACK_SPOOL_DIR", str(tmp_path / "spool"))
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "REPRO_TRACK_DISABLE", "REPRO_TRACK_DELIVERY",
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "REPRO_TRACK_DISABLE",
+                 "REPRO_TRACK_DELIVERY", "REPRO_TRACK_ENV_CACHE",
                  "REPRO_TRACK_SIGNING_KEY", "REPRO_TRACK_TRUSTED_KEYS", "REPRO_TRACK_REQUIRE_SIGNED"):
         monkeypatch.delenv(name, raising=False)
     yield
@@ -344,7 +345,7 @@ class RecordedProject:
 def recording_env(tracking_uri: str, spool: Path, **extra: str) -> dict[str, str]:
     """The environment for a recording subprocess: this store and spool, nothing inherited for MLflow."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "REPRO_TRACK_DISABLE",
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "REPRO_TRACK_DISABLE",
                         "REPRO_TRACK_SIGNING_KEY", "REPRO_TRACK_TRUSTED_KEYS", "REPRO_TRACK_REQUIRE_SIGNED")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, REPRO_TRACK_SPOOL_DIR=str(spool), **extra)
     return env
