@@ -27,6 +27,7 @@ from typing import Any
 
 import bench_capture
 import bench_cli
+import bench_env
 import bench_outputs
 import bench_peers
 import bench_postgres
@@ -43,6 +44,7 @@ ROWS: dict[int, tuple[str, Callable[[Workspace, Config], list[Row]]]] = {
     6: ("replay", bench_replay.row_replay),
     7: ("peers: MLflow fluent API, Weights & Biases offline", bench_peers.row_peers),
     8: ("recordings/s against a PostgreSQL-backed tracking server", bench_postgres.row_server_throughput),
+    9: ("replay --env recorded: build, then reuse", bench_env.row_env),
 }
 HEADERS = ["row", "measured", "baseline", "ratio", "target", "met?"]
 

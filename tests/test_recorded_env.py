@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,22 +17,10 @@ VCS_PKG = "rtk_vcspkg"
 
 def _wheel(wheelhouse: Path, name: str, version: str, factor: float) -> Path:
     """A pure-Python wheel whose ``scale`` multiplies by ``factor`` (so versions compute differently)."""
-    dist = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}/__init__.py": f"FACTOR = {factor!r}\n\n\ndef scale(x):\n    return x * FACTOR\n",
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: repro-track-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = []
-    for path, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(text.encode())}")
-    files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
-    target = wheelhouse / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(target, "w") as whl:
-        for path, text in files.items():
-            whl.writestr(path, text)
-    return target
+    from repro_track import testing
+
+    return testing.build_wheel(wheelhouse, name, version,
+                               f"FACTOR = {factor!r}\n\n\ndef scale(x):\n    return x * FACTOR\n")
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -160,7 +144,7 @@ class TestRecordedEnvironment:
         assert (report["expected"], report["observed"], code) == ("exact", "exact", 0), (report, err[-2000:])
         [built] = (envs["root"] / "env-cache").iterdir()
         meta = json.loads((built / "repro-track-env.json").read_text())
-        assert sorted(meta["install"]) == [f"rtk-testpkg==1.0", f"rtk-vcspkg @ git+file://{envs['repo']}@{envs['first']}"]
+        assert sorted(meta["install"]) == ["rtk-testpkg==1.0", f"rtk-vcspkg @ git+file://{envs['repo']}@{envs['first']}"]
         code, out, err = _replay_raw(envs, "--env", "recorded", "--allow-new-packages")
         assert code == 0 and "observed   exact" in out and f"reusing {built}" in err, err[-2000:]
 

@@ -37,6 +37,7 @@ __all__ = [
     "build_tiny_pixart",
     "build_tiny_sdxl",
     "build_tiny_text2image",
+    "build_wheel",
     "default_model_dir",
     "load_pipeline",
 ]
@@ -207,6 +208,33 @@ def build_tiny_text2image(path: str | os.PathLike[str], seed: int = 0) -> Path:
         pipe.save_pretrained(folder, safe_serialization=True)
 
     return _build_once(Path(path), "StableDiffusionPipeline", build)
+
+
+def build_wheel(wheelhouse: str | os.PathLike[str], name: str, version: str, source: str) -> Path:
+    """Write a pure-Python wheel of one module ``name`` (its ``__init__.py`` is ``source``) into
+    ``wheelhouse``, with a valid RECORD, so pip and uv install it with no index and no build step."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": source,
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: repro-track\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
+    folder = Path(wheelhouse)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(target, "w") as whl:
+        for path, text in files.items():
+            whl.writestr(path, text)
+    return target
 
 
 def _tiny_sd_parts(seed: int, *, cross_attention_dim: int = 32, **unet_extra: object) -> dict:
