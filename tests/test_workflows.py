@@ -232,3 +232,31 @@ class TestLocalModelByContent:
         shutil.rmtree(second / "models")
         gone = repro_track.replay(run_id, tracking_uri=uri, project_dir=second, log=False, dry_run=True)
         assert gone.expected == "none" and any("does not exist here" in r for r in gone.reasons)
+
+
+class TestAttentionProcessors:
+    """The attention processors a pipeline runs are recorded, set again on replay, and a difference named."""
+
+    def test_recorded_restored_and_named(self, model_dir: Path) -> None:
+        import copy
+
+        from diffusers import DiffusionPipeline
+        from diffusers.models.attention_processor import AttnProcessor
+
+        from repro_track.capture.arguments import pipeline_identity
+        from repro_track.replay.child import _restore_attention_processors
+        from repro_track.replay.parts import pipeline_differences
+
+        pipe = DiffusionPipeline.from_pretrained(model_dir / "tiny-text2image")
+        pipe.unet.set_attn_processor(AttnProcessor())  # a user's choice after loading
+        recorded = pipeline_identity(pipe)
+        assert recorded["components"]["unet"]["attention_processors"] == [
+            "diffusers.models.attention_processor.AttnProcessor"]
+        fresh = DiffusionPipeline.from_pretrained(model_dir / "tiny-text2image")
+        before = pipeline_identity(fresh)
+        m = {"arguments": {"pipe": {"kind": "pipeline", "pipeline": recorded}}}
+        named = pipeline_differences(m, {"arguments": {"pipe": {"kind": "pipeline", "pipeline": before}}})
+        assert any("component 'unet' attention_processors" in line for line in named)
+        _restore_attention_processors(fresh, recorded)
+        after = copy.deepcopy(pipeline_identity(fresh))
+        assert after["components"]["unet"]["attention_processors"] == recorded["components"]["unet"]["attention_processors"]

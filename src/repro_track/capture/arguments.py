@@ -123,6 +123,9 @@ def _component_record(component: Any) -> dict[str, Any]:
     if hasattr(component, "state_dict") and hasattr(component, "parameters"):
         record["weights_sha256"] = weights_sha256(component)
         record.update(pipelines.placement(component))
+        processors = pipelines.attention_processors(component)
+        if processors is not None:
+            record["attention_processors"] = processors
     name = getattr(component, "name_or_path", None)
     record["name_or_path"] = str(name) if name else None
     return record

@@ -50,6 +50,18 @@ def _component_paths(pipe: Any) -> Iterator[str]:
                 yield str(value)
 
 
+def attention_processors(component: Any) -> list[str] | None:
+    """The attention processor classes a component runs (``AttnProcessor2_0``, ``AttnProcessor``...),
+    or None for components without attention processors."""
+    try:
+        processors = component.attn_processors
+    except Exception:  # not a diffusers model, or one without attention
+        return None
+    if not isinstance(processors, dict):
+        return None
+    return sorted({f"{type(p).__module__}.{type(p).__qualname__}" for p in processors.values()})
+
+
 def placement(component: Any) -> dict[str, str | None]:
     """A component's dtype and device (None for schedulers, tokenizers and other weightless parts)."""
     dtype = getattr(component, "dtype", None)

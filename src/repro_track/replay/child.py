@@ -87,6 +87,7 @@ def _pipeline(identity: dict[str, Any], force: bool, where: "Rebuild") -> Any:
     _restore_adapters(pipe, identity, where)
     pipe = pipe.to(identity["device"])
     _restore_component_dtypes(pipe, identity)
+    _restore_attention_processors(pipe, identity)
     rebuilt = pipeline_identity(pipe)
     for name, comp in identity["components"].items():
         now = rebuilt["components"].get(name, {})
@@ -144,6 +145,22 @@ def _restore_adapters(pipe: Any, identity: dict[str, Any], where: Rebuild) -> No
     fused = identity.get("fused")
     if fused:
         pipe.fuse_lora(**{k: v for k, v in fused.items() if v is not None})
+
+
+def _restore_attention_processors(pipe: Any, identity: dict[str, Any]) -> None:
+    # One diffusers processor class throughout (AttnProcessor vs AttnProcessor2_0, a user's
+    # set_attn_processor) is set again; anything else is left as loaded and named by the comparison.
+    from diffusers.models import attention_processor
+
+    for name, comp in identity["components"].items():
+        recorded = comp.get("attention_processors") or []
+        part = getattr(pipe, name, None)
+        if len(recorded) != 1 or not hasattr(part, "set_attn_processor"):
+            continue
+        module, _, cls_name = recorded[0].rpartition(".")
+        cls = getattr(attention_processor, cls_name, None)
+        if module.startswith("diffusers.") and isinstance(cls, type):
+            part.set_attn_processor(cls())
 
 
 def _restore_component_dtypes(pipe: Any, identity: dict[str, Any]) -> None:

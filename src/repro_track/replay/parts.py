@@ -44,7 +44,7 @@ def _identity_differences(was: dict[str, Any], got: dict[str, Any]) -> list[str]
         if other is None:
             out.append(f"component {name!r} is missing")
             continue
-        for key in ("class", "dtype", "device"):
+        for key in ("class", "dtype", "device", "attention_processors"):
             if comp.get(key) != other.get(key):
                 out.append(f"component {name!r} {key} {other.get(key)!r}, recorded {comp.get(key)!r}")
         if comp.get("weights_sha256") != other.get("weights_sha256"):
