@@ -274,6 +274,7 @@ def _run_child(plan: Any, out: Path, timeout: float | None) -> str | None:
     plan_file.write_text(json.dumps(plan.to_dict()), "utf-8")
     env = {k: v for k, v in os.environ.items() if k not in plan.env_unset}
     env.update(plan.env_set)
+    env["TQDM_DISABLE"] = "1"  # no library progress bars in the replay's output (they decide no bits)
     # A scratch working dir: files the call writes by relative path land there, not in the project
     # (where they would overwrite the recording's own), and its recording reads them from there.
     scratch = out / "work"

@@ -266,6 +266,7 @@ def build_arguments(m: dict[str, Any], signature: Any, inputs: dict[str, Any],
 
 def run(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Rebuild, call, and stage the replay's recording; returns the status written for the parent."""
+    _quiet_libraries()  # first: tqdm reads its switches when it is imported
     from ..capture.torch_state import apply_knobs, restore_global_rng
     from ..outputs import load_arrays
     from ..spool import stage
@@ -273,7 +274,6 @@ def run(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     from ..capture import dispatch
     from ..trajectory import STEP_OUTPUT_PREFIX
 
-    _quiet_libraries()
     apply_knobs(plan["knobs"])
     m = plan["manifest"]
     pin_recorded_revisions(m)  # before the entry module loads: it may load a pipeline at import
@@ -284,6 +284,7 @@ def run(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     inputs = load_arrays(Path(plan["inputs_path"])) if plan["inputs_path"] else {}
     where = Rebuild(project_dir=plan.get("project_dir"))
     args, kwargs = build_arguments(m, recorder.signature, inputs, plan["force"], where)
+    _quiet_pipelines()
     restore_global_rng(m["randomness"]["global"])
     with dispatch.autocast(m["determinism"].get("autocast") or []):
         _, error, recording = replayer.capture(tuple(args), kwargs, kind="replay", replay_of=plan["run_id"])
@@ -309,6 +310,22 @@ def pin_recorded_revisions(m: dict[str, Any]) -> None:
     if revisions:
         importlib.import_module("diffusers.pipelines.pipeline_utils")  # the hook wraps its from_pretrained
         pipelines.pin(revisions)
+
+
+def _quiet_pipelines() -> None:
+    """Pipelines pass tqdm an explicit ``disable``, so TQDM_DISABLE alone does not silence their step
+    bars: in this child (a process of repro-track's own) every pipeline's bar is turned off."""
+    module = sys.modules.get("diffusers.pipelines.pipeline_utils")
+    if module is None or getattr(module.DiffusionPipeline.progress_bar, "__repro_track_quiet__", False):
+        return
+    original = module.DiffusionPipeline.progress_bar
+
+    def progress_bar(self: Any, iterable: Any = None, total: Any = None) -> Any:
+        self._progress_bar_config = {**(getattr(self, "_progress_bar_config", None) or {}), "disable": True}
+        return original(self, iterable=iterable, total=total)
+
+    progress_bar.__repro_track_quiet__ = True  # type: ignore[attr-defined]
+    module.DiffusionPipeline.progress_bar = progress_bar
 
 
 def _quiet_libraries() -> None:
