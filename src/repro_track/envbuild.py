@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .capture.packages import normalize_name
 from .errors import ReproTrackError
 
 _LINE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;#]+)\s*$")
-_SEPARATORS = re.compile(r"[-_.]+")
 SKIP = frozenset({"repro-track"})  # the replayer runs as it is here; the project comes from its commit
 META = "repro-track-env.json"
 
@@ -39,17 +39,13 @@ class EnvironmentBuildError(ReproTrackError, RuntimeError):
     """The recorded environment cannot be planned or built (uv missing, a version that cannot be had)."""
 
 
-def _normalize(name: str) -> str:
-    return _SEPARATORS.sub("-", name).lower()
-
-
 def parse_requirements(text: str) -> dict[str, str]:
     """``name==version`` lines (as recorded in ``repro/requirements.txt``) to {normalised name: version}."""
     found = {}
     for line in text.splitlines():
         match = _LINE.match(line.strip())
         if match:
-            found[_normalize(match.group("name"))] = match.group("version")
+            found[normalize_name(match.group("name"))] = match.group("version")
     return found
 
 

@@ -420,23 +420,32 @@ def _as_image_batch(value: Any) -> Any | None:
     return arr
 
 
-def image_files(items: list[NamedArray], folder: Path, limit: int = 16) -> list[Path]:
-    """Write image-like outputs as PNG files (at most ``limit``) so the MLflow UI shows them."""
-    from PIL import Image
-
-    written: list[Path] = []
+def image_frames(items: list[Any], limit: int = 16) -> list[tuple[str, int, int, Any]]:
+    """Image-like outputs (``outputs.NamedArray``) as ``(name, index in batch, batch size, HxWxC
+    uint8 array)``, at most ``limit``; outputs that do not look like images are left out."""
+    frames: list[tuple[str, int, int, Any]] = []
     for item in items:
         batch = _as_image_batch(item.value)
         if batch is None:
             continue
         for index, frame in enumerate(batch):
-            if len(written) >= limit:
-                return written
-            path = folder / f"{item.name.replace('/', '_')}_{index}.png"
-            image = Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame)
-            if max(image.size) < _MIN_PREVIEW:  # tiny outputs: enlarge the preview, pixels kept sharp
-                scale = -(-_MIN_PREVIEW // max(image.size))
-                image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-            image.save(path)
-            written.append(path)
+            if len(frames) >= limit:
+                return frames
+            frames.append((item.name, index, len(batch), frame))
+    return frames
+
+
+def image_files(items: list[NamedArray], folder: Path, limit: int = 16) -> list[Path]:
+    """Write image-like outputs as PNG files (at most ``limit``) so the MLflow UI shows them."""
+    from PIL import Image
+
+    written: list[Path] = []
+    for name, index, _, frame in image_frames(items, limit):
+        path = folder / f"{name.replace('/', '_')}_{index}.png"
+        image = Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame)
+        if max(image.size) < _MIN_PREVIEW:  # tiny outputs: enlarge the preview, pixels kept sharp
+            scale = -(-_MIN_PREVIEW // max(image.size))
+            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        image.save(path)
+        written.append(path)
     return written

@@ -34,23 +34,6 @@ def file_stem(key: str, step: int, timestamp_ms: int, unique: str) -> str:
     return f"{key.replace('/', '~')}+step+{step}+timestamp+{timestamp_ms}+{unique}"
 
 
-def image_frames(items: list[Any], limit: int = 16) -> list[tuple[str, int, int, Any]]:
-    """Image-like outputs (``outputs.NamedArray``) as ``(name, index in batch, batch size, HxWxC
-    uint8 array)``, at most ``limit``; outputs that do not look like images are left out."""
-    from .outputs import _as_image_batch  # one reading of "looks like images"
-
-    frames: list[tuple[str, int, int, Any]] = []
-    for item in items:
-        batch = _as_image_batch(item.value)
-        if batch is None:
-            continue
-        for index, frame in enumerate(batch):
-            if len(frames) >= limit:
-                return frames
-            frames.append((item.name, index, len(batch), frame))
-    return frames
-
-
 def stage_images(frames: list[tuple[str, int, int, Any]], artifacts: Path, *, step: int,
                  timestamp_ms: int) -> list[str]:
     """Write ``(output, index, count, HxWxC uint8 array)`` frames as ``log_image`` would.

@@ -72,7 +72,8 @@ def stage(recording: Any, artifacts: Path, *, images: bool = True, validate: boo
     if recording.git_diff:
         (repro / GIT_DIFF_FILE).write_text(recording.git_diff, "utf-8")
     if images and recording.outputs:  # in MLflow's log_image layout (key = output name, step set)
-        from .run_images import final_step, image_frames, stage_images
+        from .outputs import image_frames
+        from .run_images import final_step, stage_images
 
         m = recording.manifest
         stage_images(image_frames(recording.outputs), artifacts,

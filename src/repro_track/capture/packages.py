@@ -60,7 +60,7 @@ def clear_cache() -> None:
     _platform.cache_clear()
 
 
-def _normalize_name(name: str) -> str:
+def normalize_name(name: str) -> str:
     """PEP 503 normalisation: lower case, runs of ``-_.`` become one ``-``."""
     return _NAME_SEPARATORS.sub("-", name).lower()
 
@@ -104,7 +104,7 @@ def _distributions() -> tuple[str, ...]:
             continue
         # distributions() walks sys.path in order, so the first one seen is the one
         # that `import` would load.
-        seen.setdefault(_normalize_name(name), version)
+        seen.setdefault(normalize_name(name), version)
     return tuple(f"{name}=={version}" for name, version in sorted(seen.items()))
 
 

@@ -13,29 +13,17 @@ import configparser
 import functools
 import json
 import os
-import re
 import sys
 import sysconfig
 from pathlib import Path
 from typing import Any
 
-_NAME_SEPARATORS = re.compile(r"[-_.]+")
-_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
-
-
-def strip_credentials(url: str) -> str:
-    """``https://user:token@host/x`` -> ``https://host/x``."""
-    return _USERINFO.sub(lambda m: m.group("scheme"), url)
-
-
-def _normalize(name: str) -> str:
-    return _NAME_SEPARATORS.sub("-", name).lower()
-
+from .git import strip_credentials
 
 @functools.lru_cache(maxsize=1)
 def origins() -> dict[str, dict[str, Any]]:
     """For each distribution installed from somewhere other than an index: its PEP 610 origin."""
-    from .packages import distributions
+    from .packages import distributions, normalize_name
 
     found: dict[str, dict[str, Any]] = {}
     for dist in distributions():
@@ -43,11 +31,11 @@ def origins() -> dict[str, dict[str, Any]]:
             name, text = dist.metadata["Name"], dist.read_text("direct_url.json")
         except Exception:  # broken metadata must not break recording
             continue
-        if not name or not text or _normalize(name) in found:
+        if not name or not text or normalize_name(name) in found:
             continue
         origin = _origin(text)
         if origin is not None:
-            found[_normalize(name)] = origin
+            found[normalize_name(name)] = origin
     return found
 
 
