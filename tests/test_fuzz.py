@@ -286,6 +286,20 @@ class TestCraftedManifests:
         raw = render(crafted)
         check_all(base, sandbox, capfd, base.log(raw), must_refuse=not reader_accepts(raw))
 
+    @pytest.mark.parametrize("value", ["evil\x00.png", "2026-13-45T99:99:99"])
+    @pytest.mark.parametrize("command", [3, 5], ids=["export", "replay"])
+    def test_every_string_field_given_a_nul_byte_or_a_bad_date(self, base, sandbox, capfd, value, command):
+        # The sampled tests above found both (a NUL byte reached os.stat through a recorded file path; a
+        # date jsonschema let through reached datetime in export): sweep every string field for them.
+        paths = [p for p in node_paths(base.manifest) if p != ("manifest_digest",)
+                 and isinstance(get_path(base.manifest, p), str)]
+        assert len(paths) > 40
+        for path in paths:
+            crafted = copy.deepcopy(base.manifest)
+            set_path(crafted, path, value)
+            raw = render(crafted)
+            check_all(base, sandbox, capfd, base.log(raw), must_refuse=not reader_accepts(raw), only=command)
+
     @fuzz(15)
     @given(index=st.one_of(st.integers(min_value=-(2 ** 70), max_value=2 ** 70), st.integers(1, 3)),
            command=st.integers(min_value=0, max_value=5))

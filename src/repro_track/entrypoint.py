@@ -80,7 +80,8 @@ def project_root_for(source_file: Path, cwd: Path | None = None) -> Path:
 
 def resolve_source(project_dir: Path, relative: str) -> Path:
     """The recorded source file inside project_dir; refuse absolute paths and traversal out of it."""
-    if not relative or os.path.isabs(relative) or relative.startswith(("\\", "/")) or ":" in relative:
+    if (not relative or not relative.isprintable() or os.path.isabs(relative)
+            or relative.startswith(("\\", "/")) or ":" in relative):
         raise EntryPointRefused(f"recorded source path {relative!r} is not a project-relative path")
     root = project_dir.resolve()
     path = (root / relative).resolve()

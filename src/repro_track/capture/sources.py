@@ -33,7 +33,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str | None:
     try:
         stat = os.stat(path)
         return _digest(str(path), stat.st_mtime_ns, stat.st_size)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return None
 
 

@@ -73,6 +73,10 @@ class CodePlan:
 
 
 def _safe_relative(path: str) -> bool:
+    """A plain project-relative path: no way out of the project, no drive, no control characters (a NUL
+    byte from a crafted manifest would otherwise reach the operating system)."""
+    if not path.isprintable():
+        return False
     parts = PurePosixPath(path).parts
     return bool(parts) and not PurePosixPath(path).is_absolute() and ".." not in parts and ":" not in path
 
