@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property tests draw the same examples on every run, so that a red suite means a change broke
+# something, not that a new example turned up. To look for new failures, draw fresh ones:
+# HYPOTHESIS_PROFILE=explore REPRO_TRACK_FUZZ_SCALE=10 pytest tests/test_fuzz.py
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture(autouse=True)
