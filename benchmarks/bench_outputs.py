@@ -19,14 +19,22 @@ def _variants(tensor: Any, folder: Any) -> dict[str, Any]:
         "one-pass": lambda: outputs.save_arrays_described([item], folder / "a.safetensors"),
         "safetensors": lambda: save_file({"output": tensor}, str(folder / "b.safetensors")),
         "copy": lambda: np.copy(tensor.numpy()),
-        "describe+save": lambda: (outputs.describe(item), outputs.save_arrays([item], folder / "c.safetensors")),
+        "describe+save": lambda: _describe_then_save(item, folder / "c.safetensors"),
         "describe": lambda: outputs.describe(item),
     }
 
 
+def _describe_then_save(item: Any, path: Any) -> None:
+    """What a recording does: describe the output for the manifest, then stage it with that digest."""
+    from repro_track import outputs
+
+    record = outputs.describe(item)
+    outputs.save_arrays([item], path, digests={record["name"]: record["sha256"]})
+
+
 def row_outputs(ws: Workspace, cfg: Config) -> list[Row]:
     """Row 3: outputs.describe + save_arrays, the two steps a recording takes (describe reads the bytes
-    once for digest and statistics, save_arrays once to write and hash them), vs safetensors' save_file
+    once for digest and statistics, save_arrays once to write them, reusing that digest), vs safetensors' save_file
     alone; the note adds save_arrays_described (all of it in one pass) and a raw copy."""
     import torch
 

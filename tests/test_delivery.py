@@ -417,3 +417,78 @@ print(json.dumps({"extra": after - before, "waiting": waiting, "flushed": flushe
         # Stated limit: recording 1 GiB of outputs adds less than one output (256 MiB) to the peak.
         assert result["extra"] < 256 * 2**20, f"recording added {result['extra'] / 2**20:.0f} MiB"
         assert len(_runs(migrated_store, "big")) == 4
+
+
+class TestGivingWay:
+    """The worker starts no store call while a recording call runs, except after its bounded wait."""
+
+    def test_worker_waits_for_the_call_then_goes_on(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from repro_track import delivery
+
+        monkeypatch.setattr(delivery.give_way, "max_wait_s", 30.0)
+        order: list[str] = []
+        inside, released = threading.Event(), threading.Event()
+
+        def call() -> None:
+            with delivery.staging():
+                inside.set()
+                time.sleep(0.2)  # the worker tries to start a store call meanwhile
+                order.append("call done")
+            released.set()
+
+        def worker() -> None:
+            inside.wait(10)
+            delivery.give_way.wait()
+            order.append("store call")
+
+        threads = [threading.Thread(target=call), threading.Thread(target=worker)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert order == ["call done", "store call"]
+
+    def test_the_wait_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from repro_track import delivery
+
+        monkeypatch.setattr(delivery.give_way, "max_wait_s", 0.05)
+        with delivery.staging():
+            start = time.monotonic()
+            delivery.give_way.wait()  # the call is still running: the worker goes on anyway
+            assert time.monotonic() - start < 10
+
+    def test_a_call_waiting_for_the_worker_steps_aside(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Sync delivery and a full queue make the call wait for the worker; the worker must not wait
+        # for the call meanwhile (it would, up to its bound, at every store call).
+        from repro_track import delivery
+
+        monkeypatch.setattr(delivery.give_way, "max_wait_s", 30.0)
+        done = threading.Event()
+        with delivery.staging(), delivery.staging():  # a recorded function calling another
+            with delivery.give_way.stepping_aside():
+                waiter = threading.Thread(target=lambda: (delivery.give_way.wait(), done.set()))
+                waiter.start()
+                assert done.wait(10)
+                waiter.join()
+
+    def test_sync_delivery_inside_a_recorded_call_is_not_held_up(self, tracking_uri: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        from repro_track import delivery
+
+        monkeypatch.setenv("REPRO_TRACK_DELIVERY", "sync")
+        monkeypatch.setattr(delivery.give_way, "max_wait_s", 60.0)  # were it waiting, it would show
+
+        @repro_track.record(experiment="give-way")
+        def inner(n: int) -> Any:
+            import torch
+
+            return torch.arange(float(n))
+
+        @repro_track.record(experiment="give-way")
+        def outer(n: int) -> Any:
+            return inner(n) * 2
+
+        start = time.monotonic()
+        outer(4)
+        assert repro_track.last_recording(outer).run_id is not None
+        assert time.monotonic() - start < 50  # 4 store calls x 60 s if the worker waited for the call

@@ -181,6 +181,21 @@ class TestOnePass:
         assert list(loaded.shape) == list(np.shape(value))
 
     @pytest.mark.parametrize("make", ONE_PASS_CASES, ids=ONE_PASS_IDS)
+    def test_a_digest_already_known_is_not_computed_again(self, make: Callable[[], Any], chunking: None,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        # The recorder describes an output for the manifest, then stages it with that digest: the
+        # file must be the same bytes, and no sha256 is fed a second time.
+        value = make()
+        item = outputs.NamedArray("x", value, "tensor")
+        known = outputs.describe(item)["sha256"]
+        outputs.save_arrays([item], tmp_path / "hashed.safetensors")
+        fed = []
+        monkeypatch.setattr(outputs._Digest, "update", lambda self, chunk: fed.append(len(chunk)))
+        assert outputs.save_arrays([item], tmp_path / "known.safetensors", digests={"x": known}) == {"x": known}
+        assert fed == []
+        assert (tmp_path / "known.safetensors").read_bytes() == (tmp_path / "hashed.safetensors").read_bytes()
+
+    @pytest.mark.parametrize("make", ONE_PASS_CASES, ids=ONE_PASS_IDS)
     def test_described_while_saving_equals_describe(self, make: Callable[[], Any], chunking: None,
                                                     tmp_path: Path) -> None:
         item = outputs.NamedArray("x", make(), "tensor")

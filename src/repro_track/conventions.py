@@ -42,13 +42,32 @@ def followed_experiment(uri: str) -> dict[str, str]:
     return {}
 
 
+_CONTEXT_TTL_S = 30.0
+_context_cache: tuple[float, dict[str, str]] | None = None
+
+
 def context_tags() -> dict[str, str]:
     """MLflow's run-context tags for this process (user, source, git), through its own registry.
 
-    Each provider is isolated by MLflow; a registry that fails as a whole is logged, never raised:
-    context tags are a convenience and must not cost a recording. MLflow strips credentials from
-    the repository URL; the values are scrubbed again as any string leaving the process.
+    They describe the process, not the call, and resolving them costs milliseconds (MLflow probes
+    for notebook and Databricks contexts each time), so a recording reuses those resolved in the last
+    30 seconds; the manifest's own git section is captured per call. Each provider is isolated by
+    MLflow; a registry that fails as a whole is logged, never raised: context tags are a convenience
+    and must not cost a recording. MLflow strips credentials from the repository URL; the values are
+    scrubbed again as any string leaving the process.
     """
+    global _context_cache
+    import time
+
+    cached = _context_cache
+    if cached is not None and time.monotonic() - cached[0] < _CONTEXT_TTL_S:
+        return dict(cached[1])
+    tags = _resolve_context_tags()
+    _context_cache = (time.monotonic(), tags)
+    return dict(tags)
+
+
+def _resolve_context_tags() -> dict[str, str]:
     try:
         from mlflow.tracking.context.registry import resolve_tags
 

@@ -15,6 +15,7 @@ own upload (up to ``REPRO_TRACK_LOG_TIMEOUT``), so the run exists when the call 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import queue
@@ -23,7 +24,7 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from . import conventions, settings, spool
 from .context import ParentRun
@@ -35,14 +36,15 @@ from .tags import MANIFEST_PATH
 
 # ---------------------------------------------------------------- the one upload path
 
-def deliver_claimed(entry: spool.SpoolEntry, uri: str, clients: dict[str, Any]) -> str:
+def deliver_claimed(entry: spool.SpoolEntry, uri: str, clients: dict[str, Any],
+                    make_client: Callable[[str], Any] = client_for) -> str:
     """Upload a claimed spool entry to ``uri`` and remove it; on any failure release it for a later
     sync and raise. Returns the run id. The manifest is validated here, off the recording call's path.
 
-    ``clients`` caches one MlflowClient per tracking URI for the caller.
+    ``clients`` caches one MlflowClient per tracking URI for the caller (made by ``make_client``).
     """
     try:
-        client = clients.get(uri) or clients.setdefault(uri, client_for(uri))
+        client = clients.get(uri) or clients.setdefault(uri, make_client(uri))
         probe(uri)
         validate(json.loads((entry.artifacts / MANIFEST_PATH).read_text("utf-8")))
         run_id = upload(client, entry)
@@ -90,6 +92,80 @@ def sync(tracking_uri: str | None = None) -> SyncReport:
     return report
 
 
+# ---------------------------------------------------------------- giving way to recording calls
+
+class _GiveWay:
+    """Recording calls that are staging, counted; the worker waits for none before each store call.
+
+    A thread uploading with MLflow competes with the recording thread for the GIL, and every file a
+    staging call writes hands the GIL over: getting it back can take a whole switch interval (5 ms),
+    which is where a call's time went while the worker was busy. So the worker starts each store
+    call only when no call is staging, waiting at most ``max_wait_s`` so that a steady stream of
+    calls from many threads still gets its uploads through.
+    """
+
+    def __init__(self, max_wait_s: float = 0.02):
+        self.max_wait_s = max_wait_s
+        self._staging = 0
+        self._quiet = threading.Condition()
+        self._held = threading.local()  # how many staging() blocks this thread is inside
+
+    def _add(self, n: int) -> None:
+        with self._quiet:
+            self._staging += n
+            if not self._staging:
+                self._quiet.notify_all()
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[None]:
+        """Mark a recording call (the function, its capture and its staging)."""
+        self._held.depth = getattr(self._held, "depth", 0) + 1
+        self._add(1)
+        try:
+            yield
+        finally:
+            self._held.depth -= 1
+            self._add(-1)
+
+    @contextlib.contextmanager
+    def stepping_aside(self) -> Iterator[None]:
+        """Inside a call, while it waits for the worker (a full queue, sync delivery): let it run."""
+        depth = getattr(self._held, "depth", 0)
+        self._add(-depth)
+        try:
+            yield
+        finally:
+            self._add(depth)
+
+    def wait(self) -> None:
+        """Return once no call is staging, or after ``max_wait_s``."""
+        with self._quiet:
+            if self._staging:
+                self._quiet.wait_for(lambda: not self._staging, self.max_wait_s)
+
+
+give_way = _GiveWay()
+staging = give_way.staging
+
+
+class _PoliteClient:
+    """An MlflowClient whose calls each first give way to recording calls that are staging."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            give_way.wait()
+            return value(*args, **kwargs)
+
+        return call
+
+
 # ---------------------------------------------------------------- the worker
 
 @dataclass
@@ -115,6 +191,19 @@ class _Worker:
         with self._idle:
             self._unfinished += 1
         self._queue.put(job)
+
+    def try_submit(self, job: _Job) -> bool:
+        """Queue a job if there is room now; False (nothing queued) when the queue is full."""
+        with self._idle:
+            self._unfinished += 1
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            with self._idle:
+                self._unfinished -= 1
+                self._idle.notify_all()
+            return False
+        return True
 
     def flush(self, timeout: float | None) -> bool:
         """Wait until every submitted job is settled; False if ``timeout`` ran out first."""
@@ -148,8 +237,10 @@ class _Worker:
 
     def _deliver(self, job: _Job) -> None:
         uri = job.outcome.tracking_uri
+        give_way.wait()  # the schema check in deliver_claimed is pure Python too
         try:
-            run_id = deliver_claimed(job.entry, uri, self._clients)
+            run_id = deliver_claimed(job.entry, uri, self._clients,
+                                     make_client=lambda u: _PoliteClient(client_for(u)))
         except Exception as exc:
             job.outcome.settle(error=str(exc) or repr(exc))
             if job.announce:
@@ -248,15 +339,19 @@ def deliver(recording: Recording, options: RecordOptions, *, parent: ParentRun |
         "parent_run_id": parent_id,
     }
     entry = spool.create(recording, meta, validate=False)
-    outcome = RecordOutcome(None, uri, entry.path, recording.manifest.digest,
+    outcome = RecordOutcome(None, uri, entry.path, entry.meta["manifest_digest"],
                             recording_id=entry.recording_id, pending=True)
     waits = _mode() == "sync"
     job = _Job(entry, outcome, announce=not waits)
-    _worker().submit(job)
-    if not waits:
+    worker = _worker()
+    if not waits and worker.try_submit(job):
         return outcome
-    seconds = settings.LOG_TIMEOUT.get()
-    outcome.wait(seconds)
+    with give_way.stepping_aside():  # waiting for the worker: it must not wait for us
+        worker.submit(job)
+        if not waits:
+            return outcome
+        seconds = settings.LOG_TIMEOUT.get()
+        outcome.wait(seconds)
     if not outcome.done:
         job.announce = True
         _warn_spooled(uri, entry, f"logging took longer than {seconds:.0f} s (set "

@@ -164,10 +164,18 @@ class Manifest:
 
         ``validate=False`` is for the spool, whose upload validates off the caller's path.
         """
-        data = self.to_dict()
+        return self.serialise(validate=validate)[0]
+
+    def serialise(self, *, validate: bool = True) -> tuple[str, str]:
+        """(the artifact's JSON, the manifest digest), each computed once and without copying the
+        sections (the recording call's path writes the manifest and needs its digest too)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not data["trajectory"]:
+            del data["trajectory"]
+        data["manifest_digest"] = digest = digest_of(data)
         if validate:
             _validate(data)
-        return json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+        return json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n", digest
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":

@@ -244,25 +244,28 @@ class _Digest:
         return self._sha.hexdigest()
 
 
-def _scan(value: Any, sink: Any = None, *, with_stats: bool = True) -> tuple[str, dict[str, float | None]]:
+def _scan(value: Any, sink: Any = None, *, with_stats: bool = True,
+          known_sha: str | None = None) -> tuple[str, dict[str, float | None]]:
     """One pass over an array's bytes in C order, a chunk at a time: its sha256, its min, max and sum
     of |x| (floats summed in float64) and, given an open file, the write. Each chunk is read from
-    memory once for all three; nothing is copied whole (see :func:`_window`)."""
+    memory once for all three; nothing is copied whole (see :func:`_window`). ``known_sha``: the
+    digest the caller already has (:func:`describe` just computed it), so it is not computed again."""
     array = _on_cpu(value)
     count = array.numel() if _is_tensor(array) else array.size
     part = _stat_part(array) if with_stats else None
-    digest, parts = _Digest(_layout(array)[1]), []
+    digest, parts = None if known_sha else _Digest(_layout(array)[1]), []
     try:
         for start in range(0, count, _STAT_CHUNK):
             window = _window(array, start, min(start + _STAT_CHUNK, count))
             chunk = memoryview(to_numpy_view(window).reshape(-1).view("uint8"))
-            digest.update(chunk)
+            if digest is not None:
+                digest.update(chunk)
             if part is not None:
                 parts.append(part(window))
             if sink is not None:
                 sink.write(chunk)
     finally:
-        sha = digest.hexdigest()
+        sha = known_sha or digest.hexdigest()
     if not parts:
         return sha, dict(_NO_STATS)
     return sha, {"min": _finite(min(p[0] for p in parts)), "max": _finite(max(p[1] for p in parts)),
@@ -339,7 +342,8 @@ def savable(value: Any) -> bool:
     return _layout(value)[0] in _SAFETENSORS_DTYPES
 
 
-def _write(items: list[NamedArray], path: Path, *, with_stats: bool) -> dict[str, Any]:
+def _write(items: list[NamedArray], path: Path, *, with_stats: bool,
+           digests: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the savable arrays as a safetensors file, each in one pass; their fingerprints by name.
 
     The file is byte for byte what ``safetensors.torch.save_file`` writes (an 8-byte header length,
@@ -362,18 +366,20 @@ def _write(items: list[NamedArray], path: Path, *, with_stats: bool) -> dict[str
     text += b" " * (-len(text) % 8)
     with open(path, "wb") as sink:
         sink.write(struct.pack("<Q", len(text)) + text)
-        return {item.name: _scan(item.value, sink, with_stats=with_stats and not getattr(item, "file", None))
+        return {item.name: _scan(item.value, sink, with_stats=with_stats and not getattr(item, "file", None),
+                                 known_sha=(digests or {}).get(item.name))
                 for item in order}
 
 
-def save_arrays(items: list[NamedArray], path: Path) -> dict[str, str]:
+def save_arrays(items: list[NamedArray], path: Path, *, digests: dict[str, str] | None = None) -> dict[str, str]:
     """Write the arrays to a safetensors file; the sha256 of each array written, by name.
 
     One read of each array's bytes: every chunk is hashed in a worker thread while it is written,
     so the digest costs no second pass, and nothing is copied whole (an empty file still gets
-    written, for uniformity).
+    written, for uniformity). ``digests`` are those the caller already has by name (from
+    :func:`describe`, moments before): those arrays are written without hashing them again.
     """
-    return {name: sha for name, (sha, _) in _write(items, path, with_stats=False).items()}
+    return {name: sha for name, (sha, _) in _write(items, path, with_stats=False, digests=digests).items()}
 
 
 def save_arrays_described(items: list[NamedArray], path: Path) -> list[dict[str, Any]]:

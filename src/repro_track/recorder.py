@@ -98,9 +98,12 @@ class Recorder:
         self._local.outcome = None  # an unrecorded call must not leave the previous call's run behind
         if _disabled():
             return self.fn(*args, **kwargs)
-        result, error, recording = self.capture(args, kwargs)
-        if recording is not None:
-            self._local.outcome = self._log(recording)
+        from .delivery import staging
+
+        with staging():  # the delivery worker gives way to the call (see delivery.give_way)
+            result, error, recording = self.capture(args, kwargs)
+            if recording is not None:
+                self._local.outcome = self._log(recording)
         if error is not None:
             raise error.with_traceback(error.__traceback__)
         return result

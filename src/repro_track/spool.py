@@ -59,13 +59,18 @@ class SpoolEntry:
         return self.meta["recording_id"]
 
 
-def stage(recording: Any, artifacts: Path, *, images: bool = True, validate: bool = True) -> None:
-    """Write a recording's artifact tree: repro/{manifest,outputs,inputs,requirements,git.diff}, images/."""
+def stage(recording: Any, artifacts: Path, *, images: bool = True, validate: bool = True) -> str:
+    """Write a recording's artifact tree: repro/{manifest,outputs,inputs,requirements,git.diff}, images/.
+
+    Returns the manifest digest."""
     repro = artifacts / ARTIFACT_DIR
     repro.mkdir(parents=True, exist_ok=True)
-    (repro / MANIFEST_FILE).write_text(recording.manifest.to_json(validate=validate), "utf-8")
+    text, digest = recording.manifest.serialise(validate=validate)
+    (repro / MANIFEST_FILE).write_text(text, "utf-8")
     if recording.outputs:
-        outputs.save_arrays(recording.outputs, repro / OUTPUTS_FILE)
+        # The manifest's records hold each output's digest, computed moments ago from the same arrays.
+        described = {o["name"]: o["sha256"] for o in recording.manifest.outputs if o.get("sha256")}
+        outputs.save_arrays(recording.outputs, repro / OUTPUTS_FILE, digests=described)
     if recording.inputs:
         outputs.save_arrays(recording.inputs, repro / INPUTS_FILE)
     (repro / REQUIREMENTS_FILE).write_text(recording.requirements, "utf-8")
@@ -79,7 +84,8 @@ def stage(recording: Any, artifacts: Path, *, images: bool = True, validate: boo
         stage_images(image_frames(recording.outputs), artifacts,
                      step=final_step(m.arguments), timestamp_ms=_ms(m.call["ended_at"]))
     from .signing import sign_staged  # last: the signature covers every file written above
-    sign_staged(artifacts, recording.manifest.digest)
+    sign_staged(artifacts, digest)
+    return digest
 
 
 def _ms(iso: str) -> int:
@@ -167,7 +173,7 @@ def create(recording: Any, meta: dict[str, Any], *, validate: bool = True) -> Sp
     lock.acquire()  # a new folder: nobody else can hold it yet
     entry = SpoolEntry(path, meta, fresh=True, claim=lock)
     try:
-        stage(recording, entry.artifacts, validate=validate)
+        meta["manifest_digest"] = stage(recording, entry.artifacts, validate=validate)
         _write_meta(entry)
     except BaseException:
         lock.release()
