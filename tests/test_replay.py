@@ -363,3 +363,55 @@ class TestPublicApi:
                 "second = repro_track.replay; print(callable(first), callable(second))")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert done.stdout.split() == ["True", "True"], done.stderr
+
+
+class TestEarlyChild:
+    """The child starts importing while the parent plans; it runs only the plan it is then given."""
+
+    @pytest.fixture
+    def spawned(self, monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, subprocess.Popen]]:
+        import importlib
+
+        replay_module = importlib.import_module("repro_track.replay")  # the package, not the function
+        calls: list[tuple[bool, subprocess.Popen]] = []
+        original = replay_module._spawn_child
+
+        def spawn(*args: Any, **kwargs: Any) -> subprocess.Popen:
+            proc = original(*args, **kwargs)
+            calls.append((kwargs["wait_for_go"], proc))
+            return proc
+
+        monkeypatch.setattr(replay_module, "_spawn_child", spawn)
+        return calls
+
+    def test_the_child_started_early_is_the_one_that_runs(self, recorded_project, spawned):
+        report = replay(recorded_project.runs["cpu_generator"], tracking_uri=recorded_project.tracking_uri,
+                        project_dir=recorded_project.path, log=False)
+        assert report.observed == "exact"
+        assert [early for early, _ in spawned] == [True]
+
+    def test_a_replay_that_stops_before_running_ends_it(self, recorded_project, spawned, tmp_path):
+        from repro_track.errors import ReproTrackError
+
+        with pytest.raises(ReproTrackError):  # the recorded source file is not in this folder
+            replay(recorded_project.runs["cpu_generator"], tracking_uri=recorded_project.tracking_uri,
+                   project_dir=tmp_path, log=False)
+        assert [early for early, _ in spawned] == [True]
+        assert spawned[0][1].poll() is not None  # ended, having run nothing
+
+    def test_another_environment_in_the_plan_gets_a_fresh_child(self, recorded_project, spawned, monkeypatch):
+        import importlib
+
+        plan_module = importlib.import_module("repro_track.replay.plan")
+        original = plan_module.child_environment
+
+        def planned(m: Any, here: Any) -> Any:
+            env_set, unset, notes = original(m, here)
+            return {**env_set, "OMP_NUM_THREADS": "1"} if here.software else env_set, unset, notes
+
+        monkeypatch.setattr(plan_module, "child_environment", planned)
+        report = replay(recorded_project.runs["cpu_generator"], tracking_uri=recorded_project.tracking_uri,
+                        project_dir=recorded_project.path, log=False)
+        assert report.observed is not None
+        assert [early for early, _ in spawned] == [True, False]
+        assert spawned[0][1].poll() is not None

@@ -210,6 +210,21 @@ class TestPipelineIdentity:
         assert err.count("\n") == 1 and "Traceback" not in err
         assert named in err and out == ""
 
+    @pytest.mark.parametrize("named", ["DDIMScheduler", "randn_tensor"])
+    def test_a_replay_checks_the_class_in_its_child_before_loading(self, recorded_project, tmp_path, capfd, named):
+        # A replay (not a dry run) leaves importing diffusers to its child, which refuses the class in
+        # the same one line before any from_pretrained.
+        dotted = {"DDIMScheduler": "diffusers.DDIMScheduler",
+                  "randn_tensor": "diffusers.utils.torch_utils.randn_tensor"}[named]
+        run_id = clone_run(recorded_project, recorded_project.runs["pipeline_argument"], tmp_path,
+                           with_pipeline(**{"class": dotted}))
+        code, out, err = run_cli(capfd, "replay", "--json", run_id, "--no-log", "--tracking-uri",
+                                 recorded_project.tracking_uri, "--project-dir", str(recorded_project.path))
+        assert code == 2, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("repro-track: error: ") and named in last and "not a diffusers pipeline" in last
+        assert "Traceback" not in err and out == ""
+
     def test_a_class_defined_in_the_project_is_accepted(self, recorded_project, tmp_path, capfd):
         (recorded_project.path / "project_pipes.py").write_text(textwrap.dedent('''
             from diffusers import DDIMPipeline

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import EntryPointRefused, NotReplayableError, ReproTrackError
+from ..errors import EntryPointRefused, NotReplayableError, ReproTrackError, UntrustedManifestError
 from ..outcomes import NOT_RERUN, meets
 from . import parts
 from .compare import OutputComparison, compare_one, observed_level
@@ -103,10 +103,17 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
             signing.require(loaded.signature, loaded.run_id)  # before anything is imported or run
         m = loaded.manifest
         check_environment(m.env_vars, loaded.run_id)  # a hand-written PYTHONPATH or LD_PRELOAD
+        out = tmpdir / "replay"
+        out.mkdir()
+        # The child's environment is known now: it starts importing torch (and diffusers) while this
+        # process checks the code and plans; it runs nothing of the project before the plan is sent.
+        early = cleanup.enter_context(_EarlyChild(m, out)) if not dry_run and env == "current" else None
         code_plan, entry_dir = _code(client, loaded, project, tmpdir, cleanup, current_code=current_code,
                                      consent=apply_recorded_diff, trusted=diff_trusted)
         source, root, source_sha = check_entry_point(m, entry_dir)
-        check_arguments(m.arguments, loaded.run_id, root, entry_dir)  # pipeline classes, dtypes
+        # Pipeline classes, dtypes. Whether a diffusers class is a pipeline is looked up by importing
+        # diffusers: a dry run does it here, a replay in the child, before it loads anything.
+        check_arguments(m.arguments, loaded.run_id, root, entry_dir, look_up_classes=dry_run)
         here = dataclasses.replace(describe_here(source_sha, m.to_dict()), code=code_plan.facts())
         env_plan, interpreter = None, ""
         if env == "recorded":  # rebuilt (or planned, for a dry run) before predicting against it
@@ -138,10 +145,8 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
         if (expected == "none" or overwritten) and not force:
             return ReplayReport(replay_run_id=None, observed=None, **base)
         progress("running the function in a fresh process with the recorded environment")
-        out = tmpdir / "replay"
-        out.mkdir()
         try:
-            call_error = _run_child(plan, out, limit)
+            call_error = _run_child(plan, out, limit, early)
         except _TimedOut:
             reasons.append(f"the replay ran past its timeout of {limit:g} s and was ended, so nothing was "
                            "compared (raise it with --timeout or REPRO_TRACK_REPLAY_TIMEOUT)")
@@ -269,21 +274,89 @@ def _overwritten_files(recorded_outputs: list[dict[str, Any]]) -> list[str]:
                    or (not os.path.isabs(p) and ".." in Path(p).parts)})
 
 
-def _run_child(plan: Any, out: Path, timeout: float | None) -> str | None:
-    plan_file = out / "plan.json"
-    plan_file.write_text(json.dumps(plan.to_dict()), "utf-8")
-    env = {k: v for k, v in os.environ.items() if k not in plan.env_unset}
-    env.update(plan.env_set)
+def _child_env(env_set: dict[str, str], env_unset: list[str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in env_unset}
+    env.update(env_set)
     env["TQDM_DISABLE"] = "1"  # no library progress bars in the replay's output (they decide no bits)
+    return env
+
+
+def _spawn_child(interpreter: str, out: Path, env: dict[str, str], *, wait_for_go: bool,
+                 diffusers: bool = False) -> subprocess.Popen:
     # A scratch working dir: files the call writes by relative path land there, not in the project
     # (where they would overwrite the recording's own), and its recording reads them from there.
     scratch = out / "work"
-    scratch.mkdir()
+    scratch.mkdir(exist_ok=True)
     # The child's stdout is the user's function's stdout: send it to our stderr so --json stays clean.
-    # Its own session, so that a timeout ends whatever it started too.
-    proc = subprocess.Popen([plan.interpreter or sys.executable, "-c", _CHILD_LAUNCHER, str(plan_file), str(out)],
-                            cwd=scratch, env=env, stdout=sys.stderr, stdin=subprocess.DEVNULL,
+    # Its own session, so that a timeout ends whatever it started too. A child started early reads
+    # one line, "go", on stdin once the plan is written (then its stdin is /dev/null, as otherwise).
+    args = [str(out / "plan.json"), str(out)] + (["--wait"] if wait_for_go else []) + \
+        (["--diffusers"] if wait_for_go and diffusers else [])
+    return subprocess.Popen([interpreter or sys.executable, "-c", _CHILD_LAUNCHER, *args], cwd=scratch, env=env,
+                            stdout=sys.stderr, stdin=subprocess.PIPE if wait_for_go else subprocess.DEVNULL,
                             start_new_session=True)
+
+
+class _EarlyChild:
+    """The replay child, started as soon as the run's environment is checked: it imports torch (and
+    diffusers, when the recording used a pipeline) while the parent plans, then waits for "go".
+
+    Its environment is computed from the manifest exactly as the plan's will be; should the plan's
+    differ, or the replay stop before running, it is ended unused.
+    """
+
+    def __init__(self, m: Any, out: Path):
+        from ..capture.cpu import capture_cpu
+        from .plan import Here, child_environment
+
+        env_set, env_unset, _ = child_environment(m, Here(cpu=capture_cpu(), gpu={}, software={}, cuda_usable=False))
+        self.env = _child_env(env_set, env_unset)
+        pipelines = bool(m.pipelines) or m.call["module"].startswith("diffusers.") or any(
+            a.get("kind") == "pipeline" for a in m.arguments.values())
+        self.proc: subprocess.Popen | None = _spawn_child("", out, self.env, wait_for_go=True, diffusers=pipelines)
+
+    def __enter__(self) -> "_EarlyChild":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def take(self, env: dict[str, str], interpreter: str) -> subprocess.Popen | None:
+        """The waiting child, told to go, if it was started with this very environment; else None."""
+        proc, self.proc = self.proc, None
+        if proc is None or interpreter or env != self.env or proc.poll() is not None:
+            if proc is not None:
+                _stop(proc)
+            return None
+        try:
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
+        except OSError:  # it died while waiting
+            _stop(proc)
+            return None
+        return proc
+
+    def stop(self) -> None:
+        """End the child if it is still waiting (the replay stopped before running it)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        proc.stdin.close()  # it exits on its own at end of input...
+    except (OSError, AttributeError):
+        pass
+    _end_group(proc)  # ...or is ended
+
+
+def _run_child(plan: Any, out: Path, timeout: float | None, early: _EarlyChild | None = None) -> str | None:
+    (out / "plan.json").write_text(json.dumps(plan.to_dict()), "utf-8")
+    env = _child_env(plan.env_set, plan.env_unset)
+    proc = early.take(env, plan.interpreter) if early is not None else None
+    if proc is None:
+        proc = _spawn_child(plan.interpreter, out, env, wait_for_go=False)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -294,6 +367,8 @@ def _run_child(plan: Any, out: Path, timeout: float | None) -> str | None:
     result = json.loads(result_file.read_text("utf-8")) if result_file.is_file() else {}
     if proc.returncode == 2 and result.get("type") == "EntryPointRefused":
         raise EntryPointRefused(result["error"])
+    if proc.returncode == 2 and result.get("type") == "UntrustedManifestError":
+        raise UntrustedManifestError(result["error"])
     if proc.returncode == 2:
         raise NotReplayableError(result.get("error", "the replay could not rebuild the call"))
     if proc.returncode != 0:

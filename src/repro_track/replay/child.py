@@ -347,10 +347,43 @@ def _as_script(recording: Any) -> Any:
     return dataclasses.replace(recording, manifest=dataclasses.replace(recording.manifest, call=call))
 
 
+def _prewarm(diffusers: bool) -> None:
+    """Started early (``--wait``): import what every replay imports, and diffusers' pipeline module when
+    the recording used a pipeline (``--diffusers``), while the parent plans. Nothing of the project is
+    imported."""
+    _quiet_libraries()
+    names = ["torch", "repro_track.outputs", "repro_track.recorder", "repro_track.spool",
+             "repro_track.capture.torch_state"] + (["diffusers.pipelines.pipeline_utils"] if diffusers else [])
+    for name in names:
+        importlib.import_module(name)
+
+
+def _wait_for_go() -> bool:
+    """Wait for the parent's "go" (the plan is written); then stdin is /dev/null, as for any replay."""
+    import os
+
+    line = sys.stdin.buffer.readline()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return line.strip() == b"go"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the child process; exit 0 ran, 2 refused or not rebuildable, 1 crashed."""
+    """Entry point of the child process; exit 0 ran, 2 refused or not rebuildable, 1 crashed.
+
+    With ``--wait`` (started early) it imports its libraries first, then waits for "go" on stdin;
+    at the end of input without it, it exits 0 having run nothing.
+    """
     argv = sys.argv[1:] if argv is None else argv
     plan_path, out_dir = Path(argv[0]), Path(argv[1])
+    if "--wait" in argv[2:]:
+        try:
+            _prewarm("--diffusers" in argv[2:])
+        except Exception:  # the run imports them again and reports what fails
+            pass
+        if not _wait_for_go():
+            return 0
     plan = json.loads(plan_path.read_text("utf-8"))
     try:
         result, code = run(plan, out_dir), 0

@@ -58,12 +58,18 @@ def check_environment(env_vars: dict[str, Any], run_id: str) -> None:
                               f"{_MAX_ENV_VALUE} characters", odd[0])
 
 
-def check_arguments(arguments: dict[str, Any], run_id: str, import_root: Path, project_dir: Path) -> None:
-    """Refuse pipelines, dtypes and devices that name anything but what a recording could hold."""
+def check_arguments(arguments: dict[str, Any], run_id: str, import_root: Path, project_dir: Path, *,
+                    look_up_classes: bool = True) -> None:
+    """Refuse pipelines, dtypes and devices that name anything but what a recording could hold.
+
+    ``look_up_classes=False`` leaves out importing diffusers to check that a ``diffusers.*`` class is a
+    pipeline: the replay child makes that check itself (:func:`pipeline_class`) before it loads one.
+    """
     for name, arg in arguments.items():
         kind = arg.get("kind")
         if kind == "pipeline":
-            check_pipeline_identity(arg["pipeline"], run_id, name, import_root, project_dir)
+            check_pipeline_identity(arg["pipeline"], run_id, name, import_root, project_dir,
+                                    look_up_class=look_up_classes)
         elif kind == "dtype" and not is_torch_dtype(arg.get("value")):
             raise _refuse(run_id, f"argument {_names([name])} names {_names([str(arg.get('value'))])} "
                                   "as a torch dtype", name)
@@ -73,7 +79,7 @@ def check_arguments(arguments: dict[str, Any], run_id: str, import_root: Path, p
 
 
 def check_pipeline_identity(identity: dict[str, Any], run_id: str, argument: str, import_root: Path,
-                            project_dir: Path) -> None:
+                            project_dir: Path, *, look_up_class: bool = True) -> None:
     """A diffusers (or project) pipeline class, a hub id or a folder, a plain revision, dtype, device."""
     cls = identity["class"]
     where = f"pipeline argument {_names([argument])}"
@@ -81,7 +87,7 @@ def check_pipeline_identity(identity: dict[str, Any], run_id: str, argument: str
                                       or project_class_file(cls, import_root, project_dir)):
         raise _refuse(run_id, f"{where} names the class {_names([cls])}, which is neither a diffusers "
                               "pipeline nor a class defined in the project", argument)
-    if cls.startswith("diffusers."):
+    if cls.startswith("diffusers.") and look_up_class:
         pipeline_class(cls)  # looked up among diffusers' exports, nothing is run
     source = identity["name_or_path"]
     if source is not None and not (_HUB_ID.match(source) or (project_dir / source).is_dir()):
