@@ -284,6 +284,29 @@ class TestNativeInputs:
             "mask", "repro-track", recorded["sha256"][:32])
         assert json.loads(image_input.dataset.source) == {"artifact": tags.INPUTS_PATH, "key": "mask"}
 
+    def test_a_deleted_logged_model_is_made_again(self, migrated_store: str, client: Any, model_dir: Path,
+                                                  fluent_state: None) -> None:
+        # The uploading process remembers which logged model a pipeline is; when that model is
+        # deleted meanwhile, the next run of the pipeline links to a new one, not to the deleted one.
+        import diffusers
+        import torch
+
+        pipe = diffusers.DDIMPipeline.from_pretrained(str(model_dir / "tiny-ddim"))
+        pipe.set_progress_bar_config(disable=True)
+
+        @repro_track.record
+        def generate(pipe: Any, seed: int) -> np.ndarray:
+            return pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(seed),
+                        output_type="np").images
+
+        generate(pipe, 1)
+        [first] = [m.model_id for m in recorded_run(generate, client).inputs.model_inputs]
+        client.delete_logged_model(first)
+        generate(pipe, 2)
+        [second] = [m.model_id for m in recorded_run(generate, client).inputs.model_inputs]
+        assert second != first
+        assert str(client.get_logged_model(second).status) == "READY"
+
 
 # ---------------------------------------------------------------- servers behind a proxy
 

@@ -367,6 +367,25 @@ class TestShow:
                                             "(added after signing)")
 
 
+    def test_a_symlinked_artifact_is_refused_not_followed(self, signed_project: RecordedProject, trusted: Keys,
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture):
+        # The signature check downloads every artifact: a link in a local store to a file of this
+        # machine must not be read as the run's, even one holding the very bytes that were signed.
+        from mlflow.utils.file_utils import local_file_uri_to_path
+
+        run_id = relog(signed_project, signed_project.runs["signed"], tmp_path, lambda artifacts: None)
+        client = signed_project.client()
+        stored = Path(local_file_uri_to_path(client.get_run(run_id).info.artifact_uri)) / tags.ARTIFACT_DIR \
+            / tags.REQUIREMENTS_FILE
+        outside = tmp_path / "outside.txt"
+        outside.write_bytes(stored.read_bytes())
+        stored.unlink()
+        stored.symlink_to(outside)
+        assert cli_main(["show", run_id, "--tracking-uri", signed_project.tracking_uri]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "requirements.txt is a symbolic link" in err
+
+
 class TestInTotoEnvelope:
     """With a key configured, the in-toto export is a DSSE envelope that securesystemslib verifies."""
 

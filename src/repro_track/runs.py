@@ -41,18 +41,7 @@ class LoadedRun:
     signature: SignatureCheck = UNSIGNED
 
 
-def _download(client: Any, run_id: str, path: str, dest: Path) -> Path | None:
-    folder, _, name = path.rpartition("/")
-    try:
-        listed = {Path(f.path).name for f in client.list_artifacts(run_id, folder)}
-    except Exception as exc:
-        raise StoreError(f"run {run_id}: cannot list artifacts under {folder}/ ({exc})") from None
-    if name not in listed:
-        return None
-    return Path(client.download_artifacts(run_id, path, str(dest)))
-
-
-def _artifact_repo(client: Any, run: Any) -> Any:
+def artifact_repo(client: Any, run: Any) -> Any:
     """The store of one run's artifacts, reached directly: MLflow's ``runs:/`` indirection looks the
     run up again, and searches logged models, for every file it lists or downloads."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -88,8 +77,9 @@ def _fetch(repo: Any, run_id: str, path: str, dest: Path) -> Path | None:
 
 
 def fetch_artifact(client: Any, run_id: str, path: str, dest: Path) -> Path | None:
-    """Download one artifact of a run under dest; None when the run has no such artifact."""
-    return _download(client, run_id, path, dest)
+    """Download one artifact of a run under dest; None when the run has no such artifact. A symbolic
+    link in a local store is refused (IntegrityError), as for the manifest and arrays."""
+    return _fetch(artifact_repo(client, get_run(client, run_id)), run_id, path, dest)
 
 
 def get_run(client: Any, run_id: str) -> Any:
@@ -109,7 +99,7 @@ def load_run(client: Any, ref: str, dest: Path) -> LoadedRun:
     """Fetch a run's manifest and arrays, validate the manifest, check every digest."""
     run_id = parse_run_ref(ref)
     run = get_run(client, run_id)
-    repo = _artifact_repo(client, run)
+    repo = artifact_repo(client, run)
     manifest_file = _fetch(repo, run_id, tags.MANIFEST_PATH, dest)
     if manifest_file is None:
         raise RunNotFoundError(f"run {run_id} has no {tags.MANIFEST_PATH}: it was not recorded by "
@@ -131,7 +121,8 @@ def load_run(client: Any, ref: str, dest: Path) -> LoadedRun:
                                  item="inputs")
         verify_arrays(inputs_path, saved_inputs, run_id, "input")
     # Checked last, on the very files read above; replay refuses a bad one when signing is required.
-    signature = check_run(client, run_id, _fetch(repo, run_id, tags.SIGNATURE_PATH, dest), dest)
+    signature = check_run(client, run_id, _fetch(repo, run_id, tags.SIGNATURE_PATH, dest), dest,
+                          fetch=lambda rel: _fetch(repo, run_id, rel, dest))
     return LoadedRun(run_id, run.info.experiment_id, manifest, outputs_path, inputs_path,
                      dict(run.data.tags), signature)
 

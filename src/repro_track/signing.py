@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import settings, tags
 from .errors import SignatureError, SigningKeyError, StoreError
@@ -311,11 +311,13 @@ def check_tree(artifacts: Path) -> SignatureCheck:
     return verify(document.read_bytes(), files, trusted)
 
 
-def check_run(client: Any, run_id: str, signature_file: Path | None, dest: Path) -> SignatureCheck:
+def check_run(client: Any, run_id: str, signature_file: Path | None, dest: Path,
+              fetch: Callable[[str], Path | None] | None = None) -> SignatureCheck:
     """The signature of a stored run, checked against every artifact the run holds.
 
     Files already downloaded into ``dest`` (the manifest and arrays replay goes on to use) are checked
-    as they are, not downloaded again; the others are downloaded beside them.
+    as they are, not downloaded again; the others are downloaded beside them with ``fetch`` (the run
+    loader's, which refuses a symbolic link in a local store), else with the client.
     """
     if signature_file is None:
         return UNSIGNED
@@ -328,7 +330,7 @@ def check_run(client: Any, run_id: str, signature_file: Path | None, dest: Path)
     for rel in listing:
         if rel == tags.SIGNATURE_PATH:
             continue
-        local = _fetch(client, run_id, rel, dest)
+        local = _fetch(client, run_id, rel, dest, fetch)
         if local is None:
             return SignatureCheck(True, None, False, f"the run holds an artifact with an unsafe path {rel!r}")
         files[rel] = local
@@ -349,13 +351,16 @@ def _listing(client: Any, run_id: str) -> list[str]:
     return sorted(found)
 
 
-def _fetch(client: Any, run_id: str, rel: str, dest: Path) -> Path | None:
+def _fetch(client: Any, run_id: str, rel: str, dest: Path,
+           fetch: Callable[[str], Path | None] | None = None) -> Path | None:
     parts = PurePosixPath(rel).parts
     if (not parts or rel.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in rel
             or any(ord(c) < 32 for c in rel)):
         return None
     local = dest.joinpath(*parts)
-    if not local.exists():
+    if not local.exists() and fetch is not None:
+        local = fetch(rel) or local
+    elif not local.exists():
         try:
             local = Path(client.download_artifacts(run_id, rel, str(dest)))
         except Exception as exc:

@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 
 from . import settings, signing, spool, tags
 from .errors import StoreAuthError, StoreError
-from .runs import LoadedRun, get_run
+from .runs import LoadedRun, artifact_repo, get_run
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -317,7 +317,9 @@ def _upload(client: Any, entry: spool.SpoolEntry, m: dict[str, Any], experiment_
         chunk = params[start:start + _BATCH_PARAMS]
         _retry(lambda: client.log_batch(run_id, metrics=metrics if start == 0 else [], params=chunk,
                                         tags=note if start == 0 else []))
-    _retry(lambda: client.log_artifacts(run_id, str(entry.artifacts)))
+    # Straight to the run's artifact store: the client would look the run up again to find it.
+    repo = artifact_repo(client, run)
+    _retry(lambda: repo.log_artifacts(str(entry.artifacts)))
     _link_inputs(client, run_id, experiment_id, m)
     _retry(lambda: set_terminated(client, run_id, m["call"]["status"], _ms(m["call"]["ended_at"])))
     return run_id
