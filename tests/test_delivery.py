@@ -24,19 +24,21 @@ from conftest import free_port, run_cli, run_script
 # artifacts go up: the run then exists, RUNNING, for SLOW seconds, so other processes overlap it.
 SLOW_CLI = '''
 import os, sys, time
-from mlflow.tracking import MlflowClient
+from pathlib import Path
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
-_log_artifacts = MlflowClient.log_artifacts
+_log_artifacts = LocalArtifactRepository.log_artifacts
 
 
-def slow(self, run_id, local_dir, artifact_path=None):
+def slow(self, local_dir, artifact_path=None):
+    run_id = Path(self.artifact_dir).parent.name  # <experiment>/<run id>/artifacts
     with open(os.environ["MARKER"], "a") as marker:
         marker.write(run_id + "\\n")
     time.sleep(float(os.environ["SLOW"]))
-    return _log_artifacts(self, run_id, local_dir, artifact_path)
+    return _log_artifacts(self, local_dir, artifact_path)
 
 
-MlflowClient.log_artifacts = slow
+LocalArtifactRepository.log_artifacts = slow
 from repro_track.cli import main
 
 sys.exit(main(sys.argv[1:]))
@@ -47,18 +49,18 @@ sys.exit(main(sys.argv[1:]))
 RECORDER = '''
 import os, signal, sys, time
 import numpy as np
-from mlflow.tracking import MlflowClient
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 import repro_track
 
-_log_artifacts = MlflowClient.log_artifacts
+_log_artifacts = LocalArtifactRepository.log_artifacts
 
 
-def slow(self, run_id, local_dir, artifact_path=None):
+def slow(self, local_dir, artifact_path=None):
     time.sleep(float(os.environ["SLOW"]))
-    return _log_artifacts(self, run_id, local_dir, artifact_path)
+    return _log_artifacts(self, local_dir, artifact_path)
 
 
-MlflowClient.log_artifacts = slow
+LocalArtifactRepository.log_artifacts = slow
 
 
 @repro_track.record(experiment="bg")
@@ -492,3 +494,26 @@ class TestGivingWay:
         outer(4)
         assert repro_track.last_recording(outer).run_id is not None
         assert time.monotonic() - start < 50  # 4 store calls x 60 s if the worker waited for the call
+
+    def test_flush_inside_a_recorded_call_is_not_held_up(self, tracking_uri: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        from repro_track import delivery
+
+        monkeypatch.setattr(delivery.give_way, "max_wait_s", 60.0)
+
+        @repro_track.record(experiment="give-way")
+        def inner(n: int) -> Any:
+            import torch
+
+            return torch.arange(float(n))
+
+        @repro_track.record(experiment="give-way")
+        def outer(n: int) -> Any:
+            out = inner(n)
+            assert repro_track.flush(timeout=50)  # the worker goes on while this call waits for it
+            assert repro_track.last_recording(inner).run_id is not None
+            return out * 2
+
+        start = time.monotonic()
+        outer(3)
+        assert time.monotonic() - start < 50

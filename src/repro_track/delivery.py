@@ -278,7 +278,10 @@ def flush(timeout: float | None = None) -> bool:
     waits in the spool for ``repro-track sync``.
     """
     worker = _worker_now
-    return True if worker is None else worker.flush(timeout)
+    if worker is None:
+        return True
+    with give_way.stepping_aside():  # called inside a recorded function: the worker must not wait for it
+        return worker.flush(timeout)
 
 
 @atexit.register
