@@ -143,7 +143,7 @@ class TestHoldsSecret:
             "a photo of an astronaut riding a horse on mars",
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "expandable_segments:True,garbage_collection_threshold:0.6,roundup_power2_divisions:16",
-            "/tmp/pytest-of-someone/pytest-12/models0/tiny-text2image",
+            "build/pytest-of-someone/pytest-12/models0/tiny-text2image",
             "https://github.com/org/repo.git",
             "git@github.com:org/repo.git",
             "scaled_linear",

@@ -53,12 +53,13 @@ class TestPlantedLoaderVariables:
     @pytest.mark.slow
     @pytest.mark.parametrize("extra", [
         pytest.param({}, id="pythonpath-alone"),
-        pytest.param({"LD_PRELOAD": "/tmp/evil.so"}, id="pythonpath-and-ld-preload"),
-        pytest.param({"PYTHONSTARTUP": "/tmp/evil.py"}, id="pythonpath-and-pythonstartup"),
+        pytest.param({"LD_PRELOAD": "evil.so"}, id="pythonpath-and-ld-preload"),
+        pytest.param({"PYTHONSTARTUP": "evil.py"}, id="pythonpath-and-pythonstartup"),
     ])
     def test_replay_refuses_and_the_planted_code_never_runs(self, recorded_project, tmp_path, capfd,
                                                              planted, extra):
         folder, marker = planted
+        extra = {name: str(folder / file) for name, file in extra.items()}  # files in the planted folder
         run_id = clone_run(recorded_project, recorded_project.runs["cpu_generator"], tmp_path,
                            with_env(PYTHONPATH=str(folder), **extra))
         code, out, err = run_cli(capfd, "replay", "--json", run_id, "--tracking-uri", recorded_project.tracking_uri,
@@ -70,11 +71,12 @@ class TestPlantedLoaderVariables:
         assert recorded_project.replays_of(run_id) == []
 
     @pytest.mark.parametrize("name, value", [
-        ("LD_PRELOAD", "/tmp/evil.so"), ("LD_LIBRARY_PATH", "/tmp"), ("DYLD_INSERT_LIBRARIES", "/tmp/x"),
-        ("PYTHONHOME", "/tmp"), ("PYTHONSTARTUP", "/tmp/x.py"), ("PATH", "/tmp"),
-        ("https_proxy", "http://evil:3128"), ("BASH_ENV", "/tmp/x.sh"),
+        ("LD_PRELOAD", "evil.so"), ("LD_LIBRARY_PATH", "."), ("DYLD_INSERT_LIBRARIES", "x"),
+        ("PYTHONHOME", "."), ("PYTHONSTARTUP", "x.py"), ("PATH", "."),
+        ("https_proxy", "http://evil:3128"), ("BASH_ENV", "x.sh"),
     ])
     def test_api_raises_naming_the_variable(self, recorded_project, tmp_path, name, value):
+        value = value if "://" in value else str(tmp_path / value)  # a planted file or folder
         run_id = clone_run(recorded_project, recorded_project.runs["cpu_generator"], tmp_path,
                            with_env(**{name: value}))
         with pytest.raises(UntrustedManifestError, match=name) as caught:
