@@ -91,6 +91,23 @@ def run_script(script: Path, *args: str, env: dict[str, str] | None = None,
                           env=env, cwd=cwd, timeout=300)
 
 
+def record_show_diff_replay(project: Path, seed: str, env: dict[str, str]) -> str:
+    """Through a tracking server: the project's gen.py records two seeds from ``seed``; show finds the
+    first, diff calls the two's difference noise, replay gets the first back exactly. The first run id."""
+    done = run_script(project / "gen.py", seed, "2", env=env, cwd=project)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = done.stdout.split()
+    shown = run_cli("show", first, "--json", env=env)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == first, shown.stderr
+    diffed = run_cli("diff", first, second, "--json", env=env)
+    assert json.loads(diffed.stdout)["differences"][0]["category"] == "noise"
+    replayed = run_cli("replay", first, "--json", "--project-dir", str(project), env=env)
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    report = json.loads(replayed.stdout)
+    assert (report["expected"], report["observed"], report["ok"]) == ("exact", "exact", True)
+    return first
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the repro-track CLI in a fresh interpreter."""

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import REPO, MlflowServer, run_cli, run_script, write_project
+from conftest import REPO, MlflowServer, record_show_diff_replay, run_cli, write_project
 
 pytestmark = pytest.mark.slow
 
@@ -117,17 +117,7 @@ class TestRoundTrip:
 
     def test_record_show_diff_replay_audit(self, project, tmp_path, postgres_server):
         env = _env(postgres_server, tmp_path, "pg-round-trip")
-        done = run_script(project / "gen.py", "0", "2", env=env, cwd=project)
-        assert done.returncode == 0, done.stderr[-2000:]
-        first, second = done.stdout.split()
-        shown = run_cli("show", first, "--json", env=env)
-        assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == first, shown.stderr
-        diffed = run_cli("diff", first, second, "--json", env=env)
-        assert json.loads(diffed.stdout)["differences"][0]["category"] == "noise"
-        replayed = run_cli("replay", first, "--json", "--project-dir", str(project), env=env)
-        assert replayed.returncode == 0, replayed.stderr[-2000:]
-        report = json.loads(replayed.stdout)
-        assert (report["expected"], report["observed"], report["ok"]) == ("exact", "exact", True)
+        record_show_diff_replay(project, "0", env)
         audited = run_cli("audit", "pg-round-trip", "--json", "--sample", "1", "--project-dir", str(project),
                           env=env, cwd=project)
         assert audited.returncode == 0, audited.stderr[-3000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MlflowServer, run_cli, run_script, write_project
+from conftest import MlflowServer, record_show_diff_replay, run_cli, run_script, write_project
 
 GEN = '''
     import sys
@@ -223,17 +223,7 @@ class TestOverHttp:
 
     def test_record_show_diff_replay(self, project, tmp_path, mlflow_server):
         env = _env(mlflow_server.url, tmp_path)
-        done = run_script(project / "gen.py", "500", "2", env=env, cwd=project)
-        assert done.returncode == 0, done.stderr[-2000:]
-        first, second = done.stdout.split()
-        shown = run_cli("show", first, "--json", env=env)
-        assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == first
-        diffed = run_cli("diff", first, second, "--json", env=env)
-        assert json.loads(diffed.stdout)["differences"][0]["category"] == "noise"
-        replayed = run_cli("replay", first, "--json", "--project-dir", str(project), env=env)
-        assert replayed.returncode == 0, replayed.stderr[-2000:]
-        report = json.loads(replayed.stdout)
-        assert (report["expected"], report["observed"], report["ok"]) == ("exact", "exact", True)
+        record_show_diff_replay(project, "500", env)
 
 
 class TestAudit:

@@ -150,11 +150,12 @@ class Manifest:
     @property
     def digest(self) -> str:
         """sha256 of the canonical JSON (without the digest field)."""
-        return digest_of(self._fields())
+        return digest_of(self._fields(copy=False))
 
-    def _fields(self) -> dict[str, Any]:
+    def _fields(self, *, copy: bool = True) -> dict[str, Any]:
         # An empty trajectory (no pipeline ran) is left out, so a manifest without one reads back as written.
-        data = dataclasses.asdict(self)
+        # copy=False shares the sections, for readers that only serialise or hash them.
+        data = dataclasses.asdict(self) if copy else {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if not data["trajectory"]:
             del data["trajectory"]
         return data
@@ -169,9 +170,7 @@ class Manifest:
     def serialise(self, *, validate: bool = True) -> tuple[str, str]:
         """(the artifact's JSON, the manifest digest), each computed once and without copying the
         sections (the recording call's path writes the manifest and needs its digest too)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if not data["trajectory"]:
-            del data["trajectory"]
+        data = self._fields(copy=False)
         data["manifest_digest"] = digest = digest_of(data)
         if validate:
             _validate(data)
