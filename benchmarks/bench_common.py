@@ -253,6 +253,22 @@ def recorded_run_id(fn: Any, timeout: float = 120.0) -> str:
     return run_id
 
 
+def uploader_ready(timeout: float = 120.0) -> float:
+    """Wait until this process's uploader process (``REPRO_TRACK_UPLOADER=process``, started by the first
+    recording) is ready, so that a row times steady delivery, not the first seconds in which uploads
+    still run in the worker's thread; seconds waited (0 with thread uploads)."""
+    from repro_track import delivery
+
+    start = time.perf_counter()
+    worker = delivery._worker_now
+    uploader = worker._uploader if worker is not None else None
+    while uploader is not None and not uploader.ready():
+        if time.perf_counter() - start > timeout:
+            raise RuntimeError("the uploader process did not become ready")
+        time.sleep(0.02)
+    return time.perf_counter() - start
+
+
 def flush_pending() -> float:
     """Seconds spent waiting for repro-track's background uploads (0 where delivery is synchronous)."""
     import repro_track

@@ -18,7 +18,7 @@ from typing import Any
 
 import bench_project
 from bench_common import (STEPS, Config, Row, Workspace, flush_pending, median, progress, recorded_run_id,
-                          tracking)
+                          tracking, uploader_ready)
 
 WANDB_HINT = "wandb is not installed: pip install -e '.[bench]' (or pip install wandb) to measure it"
 
@@ -90,6 +90,7 @@ def row_peers(ws: Workspace, cfg: Config) -> list[Row]:
     for variant in variants.values():  # warm-up: first calls load kernels, clients, the weights digest
         variant(), variant()
     flush_pending()
+    uploader_ready()
     times: dict[str, list[float]] = {name: [] for name in variants}
     flushes = []
     for index in range(2):

@@ -10,7 +10,7 @@ from typing import Any
 
 import bench_project
 from bench_common import (STEPS, Config, Row, Workspace, flush_pending, fmt, interleaved, median, recorded_run_id,
-                          tracking)
+                          tracking, uploader_ready)
 
 
 def handwritten_fixture(uri: str, run_id: str, folder: Path) -> dict[str, Any]:
@@ -70,6 +70,7 @@ def row_record_overhead(ws: Workspace, cfg: Config) -> list[Row]:
     staging = ws.root / "staging"
     with tracking(recorded_uri):
         bench_gen.small()
+        uploader_ready()
         runs = {"recorded": recorded_run_id(bench_gen.small)}  # the run whose content both sides log
         fixture = handwritten_fixture(recorded_uri, runs["recorded"], ws.root / "fixture")
 
@@ -169,6 +170,7 @@ def row_sweep(ws: Workspace, cfg: Config) -> list[Row]:
             bare(seed), recorded(seed)
         fixture = handwritten_fixture(recorded_uri, recorded_run_id(bench_gen.ddim), ws.root / "sweep-fixture")
         flush_pending()
+        uploader_ready()
         for index in range(2):
             order = list(variants)[index:] + list(variants)[:index]
             for name in order:

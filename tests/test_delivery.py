@@ -44,23 +44,31 @@ from repro_track.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
 
-# Records `count` calls with background delivery (uploads slowed as above), then acts: "kill"
-# (SIGKILL right after the last call returns), "exit" (a normal exit) or "flush".
+# A sitecustomize for the processes a test starts (the recording script and its uploader process):
+# with SLOW set, every upload of a run's artifacts to a local store waits SLOW seconds first.
+SLOW_SITE = '''
+import os, time
+
+if os.environ.get("SLOW"):
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    _log_artifacts = LocalArtifactRepository.log_artifacts
+
+    def slow(self, local_dir, artifact_path=None):
+        time.sleep(float(os.environ["SLOW"]))
+        return _log_artifacts(self, local_dir, artifact_path)
+
+    LocalArtifactRepository.log_artifacts = slow
+'''
+
+# Records `count` calls with background delivery, then acts: "kill" (SIGKILL right after the last
+# call returns), "exit" (a normal exit) or "flush" (then prints how many uploads the uploader process
+# did). With WAIT_UPLOADER set, the calls after the first wait until the uploader process is ready.
 RECORDER = '''
 import os, signal, sys, time
 import numpy as np
-from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 import repro_track
-
-_log_artifacts = LocalArtifactRepository.log_artifacts
-
-
-def slow(self, local_dir, artifact_path=None):
-    time.sleep(float(os.environ["SLOW"]))
-    return _log_artifacts(self, local_dir, artifact_path)
-
-
-LocalArtifactRepository.log_artifacts = slow
+from repro_track import delivery
 
 
 @repro_track.record(experiment="bg")
@@ -72,10 +80,17 @@ count, action = int(sys.argv[1]), sys.argv[2]
 for i in range(count):
     make(i)
     print(repro_track.last_recording(make).recording_id, flush=True)
+    if i == 0 and os.environ.get("WAIT_UPLOADER"):
+        deadline = time.monotonic() + 120
+        while not (delivery._worker_now._uploader and delivery._worker_now._uploader.ready()):
+            assert time.monotonic() < deadline, "the uploader process never became ready"
+            time.sleep(0.05)
 if action == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 if action == "flush":
     print("flushed", repro_track.flush(120), flush=True)
+    uploader = delivery._worker_now._uploader
+    print("uploader", uploader.served if uploader else 0, flush=True)
 '''
 
 
@@ -88,6 +103,46 @@ def _runs(uri: str, experiment: str) -> list[Any]:
 def _env(uri: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "MLFLOW_TRACKING_URI": uri, "REPRO_TRACK_SPOOL_DIR": str(tmp_path / "spool"),
             **extra}
+
+
+def _recorder_env(uri: str, tmp_path: Path, uploader: str, slow: str, **extra: str) -> dict[str, str]:
+    """The recording script's environment: uploads slowed by ``slow`` seconds in the script and in its
+    uploader process, delivered by ``uploader`` (process or thread)."""
+    site = tmp_path / "slow-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SLOW_SITE)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    return _env(uri, tmp_path, SLOW=slow, PYTHONPATH=path, REPRO_TRACK_UPLOADER=uploader,
+                **({"WAIT_UPLOADER": "1"} if uploader == "process" else {}), **extra)
+
+
+@pytest.fixture(params=["process", "thread"])
+def uploader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Background uploads in the uploader process (waited for until ready) or in a thread."""
+    from repro_track import delivery
+
+    monkeypatch.setenv("REPRO_TRACK_UPLOADER", request.param)
+    if request.param == "process":
+        ready_uploader(delivery)
+    return request.param
+
+
+def ready_uploader(delivery: Any) -> Any:
+    """This process's uploader process, started (by a throwaway recording if need be) and ready."""
+    import numpy as np
+
+    if delivery._worker_now is None or delivery._worker_now._uploader is None:
+        @repro_track.record(experiment="warm-up", tracking_uri="sqlite:///warm-up.db")
+        def warm_up() -> Any:
+            return np.zeros(1)
+
+        warm_up()
+        assert repro_track.flush(120)
+    deadline = time.monotonic() + 120
+    while not delivery._worker_now._uploader.ready():
+        assert time.monotonic() < deadline, "the uploader process never became ready"
+        time.sleep(0.05)
+    return delivery._worker_now._uploader
 
 
 @pytest.fixture
@@ -264,8 +319,12 @@ class TestFallbackSpool:
 class TestBackground:
     """A call stages and returns; the worker uploads behind it; flush and last_recording wait for it."""
 
-    def test_flush_waits_for_every_upload(self, migrated_store: str, tmp_path: Path) -> None:
+    def test_flush_waits_for_every_upload(self, migrated_store: str, tmp_path: Path, uploader: str) -> None:
         import numpy as np
+
+        from repro_track import delivery
+
+        served = delivery._worker_now._uploader.served if uploader == "process" else 0
 
         @repro_track.record(experiment="flush")
         def make(index: int) -> Any:
@@ -283,8 +342,10 @@ class TestBackground:
         for o in outcomes:
             assert runs[o.run_id].data.tags[tags.SPOOL_ID] == o.recording_id
         assert list((tmp_path / "spool").iterdir()) == []
+        if uploader == "process":  # ready before the first call: it did every upload
+            assert delivery._worker_now._uploader.served - served == 10
 
-    def test_sync_mode_run_exists_when_the_call_returns(self, migrated_store: str,
+    def test_sync_mode_run_exists_when_the_call_returns(self, migrated_store: str, uploader: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("REPRO_TRACK_DELIVERY", "sync")
 
@@ -297,7 +358,7 @@ class TestBackground:
         assert outcome.done and outcome.run_id is not None
         assert store.client_for(migrated_store).get_run(outcome.run_id).info.status == "FINISHED"
 
-    def test_threads(self, migrated_store: str) -> None:
+    def test_threads(self, migrated_store: str, uploader: str) -> None:
         import numpy as np
 
         @repro_track.record(experiment="threads")
@@ -335,48 +396,90 @@ class TestBackground:
         assert len(digests) == 80
 
 
+class TestUploaderProcess:
+    """The uploader process ends mid-upload: the worker takes the recording back and finishes that run."""
+
+    def test_killed_mid_upload(self, migrated_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        import numpy as np
+
+        from repro_track import delivery
+
+        monkeypatch.setenv("REPRO_TRACK_UPLOADER", "process")
+        env = _recorder_env(migrated_store, tmp_path, "process", "600")  # uploads in the uploader hang
+        for name in ("SLOW", "PYTHONPATH"):
+            monkeypatch.setenv(name, env[name])
+        monkeypatch.setattr(delivery, "_worker_now", None)  # a worker, and an uploader, of this test's own
+        uploader = ready_uploader(delivery)
+
+        @repro_track.record(experiment="orphaned")
+        def make(index: int) -> Any:
+            return np.full(2, index)
+
+        make(0)
+        outcome = repro_track.last_recording(make)
+        deadline = time.monotonic() + 120
+        while not _runs(migrated_store, "orphaned"):  # the uploader made the run, then hung
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        [started] = _runs(migrated_store, "orphaned")
+        assert started.info.status == "RUNNING"
+        monkeypatch.setenv("SLOW", "0")
+        uploader._proc.kill()
+        assert repro_track.flush(120)
+        assert outcome.run_id == started.info.run_id and outcome.error is None  # adopted, not made again
+        _check_exactly_once(migrated_store, [outcome.recording_id], "orphaned")
+        assert delivery._worker_now._uploader is None and delivery._worker_now._uploader_failed
+
+
 @pytest.mark.slow
 class TestProcessEnd:
     """Killed right after its calls, or ending before its uploads, a process loses nothing."""
 
-    def test_killed_after_ten_calls(self, tmp_path: Path, migrated_store: str) -> None:
+    @pytest.mark.parametrize("uploader", ["process", "thread"])
+    def test_killed_after_ten_calls(self, tmp_path: Path, migrated_store: str, uploader: str) -> None:
         script = tmp_path / "rec.py"
         script.write_text(RECORDER)
-        env = _env(migrated_store, tmp_path, SLOW="0.5")
+        env = _recorder_env(migrated_store, tmp_path, uploader, "0.5")
         done = run_script(script, "10", "kill", env=env, cwd=tmp_path)
         assert done.returncode == -signal.SIGKILL
         ids = done.stdout.split()
         assert len(ids) == 10
         before = _runs(migrated_store, "bg")
         assert len([r for r in before if r.info.status == "FINISHED"]) < 10  # the kill did cut uploads short
+        env = _env(migrated_store, tmp_path)
         synced = run_cli("sync", "--json", env=env)
         assert synced.returncode == 0, synced.stderr[-2000:]
         runs = _check_exactly_once(migrated_store, ids, "bg")
         again = run_cli("sync", "--json", env=env)
         assert json.loads(again.stdout)["uploaded"] == [] and len(_runs(migrated_store, "bg")) == len(runs)
 
-    def test_exit_handler_leaves_the_rest_for_sync(self, tmp_path: Path, migrated_store: str) -> None:
+    @pytest.mark.parametrize("uploader", ["process", "thread"])
+    def test_exit_handler_leaves_the_rest_for_sync(self, tmp_path: Path, migrated_store: str, uploader: str) -> None:
         script = tmp_path / "rec.py"
         script.write_text(RECORDER)
-        env = _env(migrated_store, tmp_path, SLOW="2", REPRO_TRACK_EXIT_TIMEOUT="1")
+        env = _recorder_env(migrated_store, tmp_path, uploader, "2", REPRO_TRACK_EXIT_TIMEOUT="1")
         done = run_script(script, "5", "exit", env=env, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stderr.count("were not uploaded before the process ended") == 1  # said once
         assert "repro-track sync" in done.stderr
         ids = done.stdout.split()
         left = len(list(spool.pending()))
-        assert left >= 4  # at most one upload fits in the bounded wait; the rest are kept
-        synced = run_cli("sync", "--json", env=env)
+        assert left >= 3  # one upload in the script, one more in the bounded wait at most; the rest are kept
+        synced = run_cli("sync", "--json", env=_env(migrated_store, tmp_path))
         assert len(json.loads(synced.stdout)["uploaded"]) == left
         _check_exactly_once(migrated_store, ids, "bg")
 
-    def test_flush_in_a_script(self, tmp_path: Path, migrated_store: str) -> None:
+    @pytest.mark.parametrize("uploader", ["process", "thread"])
+    def test_flush_in_a_script(self, tmp_path: Path, migrated_store: str, uploader: str) -> None:
         script = tmp_path / "rec.py"
         script.write_text(RECORDER)
-        done = run_script(script, "3", "flush", env=_env(migrated_store, tmp_path, SLOW="0.2"), cwd=tmp_path)
+        env = _recorder_env(migrated_store, tmp_path, uploader, "0.2")
+        done = run_script(script, "3", "flush", env=env, cwd=tmp_path)
         assert done.returncode == 0 and "flushed True" in done.stdout, done.stderr[-2000:]
         assert "were not uploaded" not in done.stderr
         _check_exactly_once(migrated_store, done.stdout.split()[:3], "bg")
+        served = int(done.stdout.split("uploader")[1])
+        assert served == (2 if uploader == "process" else 0)  # the first upload ran while it started
 
 
 @pytest.mark.slow

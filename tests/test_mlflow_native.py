@@ -124,6 +124,7 @@ class TestExperimentChoice:
             return sweep_image(seed)
 
         sweep(1)
+        assert repro_track.flush(120)  # two processes creating one SQLite store's tables at once can clash
         from mlflow.tracking import MlflowClient
 
         other_client = MlflowClient(tracking_uri=other)

@@ -17,13 +17,18 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import queue
+import select
+import subprocess
+import sys
 import threading
 import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import conventions, settings, spool
@@ -32,6 +37,8 @@ from .manifest import Manifest, validate
 from .records import Recording, RecordingWarning, RecordOptions, RecordOutcome
 from .store import client_for, probe, resolve_tracking_uri, upload
 from .tags import MANIFEST_PATH
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- the one upload path
@@ -175,14 +182,85 @@ class _Job:
     announce: bool  # warn from the worker if it fails (background); sync-mode callers warn themselves
 
 
+class _UploaderGone(Exception):
+    """The uploader process ended (or never answered) without a reply."""
+
+
+class _Uploader:
+    """The worker's side of the uploader process (``repro_track.uploader``): started at once, used
+    once it says it is ready (until then the worker uploads in its own thread)."""
+
+    def __init__(self) -> None:
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        self._proc = subprocess.Popen([sys.executable, "-m", "repro_track.uploader"], env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._ready = False
+        self.served = 0  # uploads it completed
+
+    def ready(self) -> bool:
+        """Whether it has said it is ready; never waits."""
+        if not self._ready and self._proc.poll() is None:
+            readable, _, _ = select.select([self._proc.stdout], [], [], 0)
+            if readable:
+                self._ready = self._read() == {"ready": True}
+        return self._ready and self._proc.poll() is None
+
+    def _read(self) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise _UploaderGone(f"the uploader process ended (exit status {self._proc.wait()})")
+        return json.loads(line)
+
+    def deliver(self, entry: spool.SpoolEntry, uri: str) -> dict[str, Any]:
+        """Hand a claimed entry over and wait for the reply: run_id, error or skipped."""
+        assert self._proc.stdin is not None
+        job = {"path": str(entry.path.resolve()), "fresh": entry.fresh, "uri": uri,
+               "cwd": os.getcwd(), "env": dict(os.environ)}
+        spool.hand_over(entry)
+        try:
+            self._proc.stdin.write(json.dumps(job).encode("utf-8") + b"\n")
+            self._proc.stdin.flush()
+        except OSError as exc:
+            raise _UploaderGone(f"the uploader process is gone ({exc})") from None
+        return self._read()
+
+    def close(self, busy: bool) -> None:
+        """Close its input: it ends after the upload it may be doing (``busy``: not waited for); one
+        still starting is stopped."""
+        if not self._ready:
+            self._proc.kill()
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()  # type: ignore[union-attr]
+        if not busy:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(0.5)
+
+    def forget(self) -> None:
+        """In a forked child: drop this process's copies of the pipes, so the uploader still sees its
+        input close when the parent ends."""
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()  # type: ignore[union-attr]
+
+
 class _Worker:
-    """One thread uploading staged recordings in order; a bounded queue gives back-pressure."""
+    """One thread uploading staged recordings in order; a bounded queue gives back-pressure.
+
+    The uploads themselves go to the uploader process when ``REPRO_TRACK_UPLOADER=process`` (the
+    default on POSIX) and it is ready; otherwise, and if it ever fails, they run in this thread.
+    """
 
     def __init__(self, bound: int):
         self._queue: queue.Queue[_Job] = queue.Queue(maxsize=max(1, bound))
         self._idle = threading.Condition()
         self._unfinished = 0
         self._clients: dict[str, Any] = {}
+        self._uploader: _Uploader | None = None
+        self._uploader_failed = False
+        self.handed_over = False  # the uploader process is doing a job now
         self._thread = threading.Thread(target=self._run, name="repro-track-delivery", daemon=True)
         self._thread.start()
 
@@ -235,12 +313,52 @@ class _Worker:
                     self._unfinished -= 1
                     self._idle.notify_all()
 
+    def _start_uploader(self) -> _Uploader | None:
+        if self._uploader is None and not self._uploader_failed:
+            try:
+                self._uploader = _Uploader()
+            except OSError as exc:
+                self._uploader_failed = True
+                log.warning("repro-track: could not start the uploader process (%s); uploading in a "
+                            "thread instead", exc)
+        return self._uploader
+
+    def _upload_in_uploader(self, job: _Job, uploader: _Uploader, uri: str) -> str | None:
+        """The run id, or None when the uploader is gone and the entry is this thread's again."""
+        try:
+            self.handed_over = True
+            reply = uploader.deliver(job.entry, uri)
+        except _UploaderGone as exc:
+            self._uploader, self._uploader_failed = None, True
+            log.warning("repro-track: %s; uploading in a thread from now on", exc)
+            entry = spool.claim(job.entry)  # not fresh now: the upload may have begun
+            if entry is None:
+                raise RuntimeError(f"another process claimed {job.entry.path} first") from None
+            job.entry = entry
+            return None
+        finally:
+            self.handed_over = False
+        if "run_id" in reply:
+            uploader.served += 1
+            return reply["run_id"]
+        raise RuntimeError(reply.get("error") or reply.get("skipped") or f"unexpected reply {reply!r}")
+
+    def close(self) -> None:
+        """Let the uploader process go (at exit, after the bounded flush)."""
+        if self._uploader is not None:
+            self._uploader.close(busy=self.handed_over)
+
     def _deliver(self, job: _Job) -> None:
         uri = job.outcome.tracking_uri
-        give_way.wait()  # the schema check in deliver_claimed is pure Python too
+        uploader = self._start_uploader() if _uploader_mode() == "process" else None
         try:
-            run_id = deliver_claimed(job.entry, uri, self._clients,
-                                     make_client=lambda u: _PoliteClient(client_for(u)))
+            run_id = None
+            if uploader is not None and uploader.ready():
+                run_id = self._upload_in_uploader(job, uploader, uri)
+            if run_id is None:
+                give_way.wait()  # the schema check in deliver_claimed is pure Python too
+                run_id = deliver_claimed(job.entry, uri, self._clients,
+                                         make_client=lambda u: _PoliteClient(client_for(u)))
         except Exception as exc:
             job.outcome.settle(error=str(exc) or repr(exc))
             if job.announce:
@@ -264,6 +382,8 @@ def _worker() -> _Worker:
 def _forget_worker() -> None:
     # A forked child has no worker thread; it starts its own on its first recording.
     global _worker_now, _lock
+    if _worker_now is not None and _worker_now._uploader is not None:
+        _worker_now._uploader.forget()
     _worker_now, _lock = None, threading.Lock()
 
 
@@ -287,11 +407,18 @@ def flush(timeout: float | None = None) -> bool:
 @atexit.register
 def _flush_at_exit() -> None:
     worker = _worker_now
-    if worker is None or worker.flush(settings.EXIT_TIMEOUT.get()):
+    if worker is None:
         return
-    message = (f"repro-track: {worker.unfinished} recording(s) were not uploaded before the process "
-               f"ended (waited {settings.EXIT_TIMEOUT.get():g} s, {settings.EXIT_TIMEOUT.name}); they stay "
-               f"in {settings.spool_dir()}; upload them with `repro-track sync`.")
+    flushed = worker.flush(settings.EXIT_TIMEOUT.get())
+    finishing = int(worker.handed_over)  # the uploader process finishes it after we end
+    worker.close()
+    if flushed:
+        return
+    message = (f"repro-track: {worker.unfinished - finishing} recording(s) were not uploaded before the "
+               f"process ended (waited {settings.EXIT_TIMEOUT.get():g} s, {settings.EXIT_TIMEOUT.name}); they "
+               f"stay in {settings.spool_dir()}; upload them with `repro-track sync`."
+               + (" One more is being finished by the uploader process (if it fails, it stays there too)."
+                  if finishing else ""))
     warnings.warn(message, RecordingWarning, stacklevel=1)
 
 
@@ -308,6 +435,14 @@ def _parent_run(uri: str, group: ParentRun | None) -> tuple[str | None, str | No
     if active is None or mlflow.get_tracking_uri() != uri:
         return None, None
     return active.info.run_id, active.info.experiment_id
+
+
+def _uploader_mode() -> str:
+    try:
+        return settings.UPLOADER.get()
+    except ValueError as exc:
+        log.warning("repro-track: %s; uploading in a thread", exc)
+        return "thread"
 
 
 def _mode() -> str:

@@ -76,6 +76,20 @@ DELIVERY = Setting(
     "background: a call stages its recording and returns while a worker uploads it; sync: the call "
     f"waits for the upload (up to {LOG_TIMEOUT.name}) so the run exists when it returns.",
 )
+
+
+def _uploader(raw: str) -> str:
+    if raw.lower() not in ("process", "thread"):
+        raise ValueError("expected process or thread")
+    return raw.lower()
+
+
+UPLOADER = Setting(
+    "REPRO_TRACK_UPLOADER", _uploader, "process" if os.name == "posix" else "thread",
+    "process: background uploads run in a helper process (started with the first recording), so their "
+    "Python work does not compete with the caller's for the GIL; thread: they run in a thread of the "
+    "recording process (the default where there is no POSIX select on pipes).",
+)
 QUEUE_SIZE = Setting(
     "REPRO_TRACK_QUEUE_SIZE", int, 64,
     "Staged recordings waiting for the delivery worker before a call waits for room (back-pressure).",

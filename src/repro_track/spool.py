@@ -210,6 +210,11 @@ def release(entry: SpoolEntry, error: str) -> None:
         _unclaim(entry)
 
 
+def hand_over(entry: SpoolEntry) -> None:
+    """Let go of a claim so that this process's uploader process can take it (``claim`` there)."""
+    _unclaim(entry)
+
+
 def _unclaim(entry: SpoolEntry) -> None:
     if entry.claim is not None and entry.claim.is_locked:
         entry.claim.release()
