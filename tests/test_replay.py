@@ -390,6 +390,26 @@ class TestEarlyChild:
         assert report.observed == "exact"
         assert [early for early, _ in spawned] == [True]
 
+    def test_what_may_differ_from_the_environment_it_started_with(self) -> None:
+        from repro_track.replay import _same_child_env
+
+        started = {"PATH": "/usr/bin", "OMP_NUM_THREADS": "1", "HOME": "h"}
+        # A library this process imported afterwards set a variable of its own: still the same child.
+        assert _same_child_env({**started, "_MLFLOW_TELEMETRY_SESSION_ID": "x", "HOME": "g"}, started)
+        for name, value in (("OMP_NUM_THREADS", "2"), ("CUBLAS_WORKSPACE_CONFIG", ":16:8"),
+                            ("PYTHONPATH", "elsewhere"), ("LD_PRELOAD", "lib.so"), ("PATH", "/opt/bin")):
+            assert not _same_child_env({**started, name: value}, started), name
+        assert not _same_child_env({k: v for k, v in started.items() if k != "OMP_NUM_THREADS"}, started)
+
+    def test_it_starts_before_the_run_is_loaded_and_ends_when_there_is_none(self, recorded_project, spawned):
+        from repro_track.errors import RunNotFoundError
+
+        with pytest.raises(RunNotFoundError):
+            replay("0" * 32, tracking_uri=recorded_project.tracking_uri, project_dir=recorded_project.path,
+                   log=False)
+        assert [early for early, _ in spawned] == [True]
+        assert spawned[0][1].poll() is not None  # ended, having run nothing
+
     def test_a_replay_that_stops_before_running_ends_it(self, recorded_project, spawned, tmp_path):
         from repro_track.errors import ReproTrackError
 
@@ -407,7 +427,7 @@ class TestEarlyChild:
 
         def planned(m: Any, here: Any) -> Any:
             env_set, unset, notes = original(m, here)
-            return {**env_set, "OMP_NUM_THREADS": "1"} if here.software else env_set, unset, notes
+            return {**env_set, "CUBLAS_WORKSPACE_CONFIG": ":16:8"}, unset, notes
 
         monkeypatch.setattr(plan_module, "child_environment", planned)
         report = replay(recorded_project.runs["cpu_generator"], tracking_uri=recorded_project.tracking_uri,

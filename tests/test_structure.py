@@ -57,7 +57,7 @@ class TestCliHelpIsLight:
     @pytest.mark.parametrize("argv", [["--help"], ["replay", "--help"], ["show", "--help"]],
                              ids=lambda argv: " ".join(argv))
     def test_no_heavy_module_after_help(self, argv: list[str]) -> None:
-        # The console script calls repro_track.cli:main; --help exits through SystemExit(0).
+        # The console script calls repro_track.cli:run, which calls main; --help exits through SystemExit(0).
         code = f"""
             from repro_track.cli import main
             try:

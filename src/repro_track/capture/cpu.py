@@ -180,6 +180,16 @@ def aten_capability_env_value(capability: str) -> str | None:
     return entry[1] if entry else None
 
 
+def likely_capability(isa_flags: list[str], architecture: str) -> str | None:
+    """The ATen level torch most likely picks on an x86 CPU with ``isa_flags`` (the best of AVX512,
+    AVX2, DEFAULT it supports), without importing torch; None elsewhere. A guess: only for choices
+    that are checked later against the real value."""
+    if architecture.lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return None
+    return next(level for level in ("AVX512", "AVX2", "DEFAULT")
+                if supports_capability(level, isa_flags))
+
+
 def onednn_max_isa_for(capability: str) -> str | None:
     """The ``ONEDNN_MAX_CPU_ISA`` value capping oneDNN at ``capability``'s level, or None."""
     entry = _CAPABILITIES.get(_canonical(capability))

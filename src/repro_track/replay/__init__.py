@@ -94,20 +94,22 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
 
     limit = _timeout(settings.REPLAY_TIMEOUT, timeout)
     project = Path(project_dir or Path.cwd())
-    client = store.client_for(tracking_uri)
+    if env not in ("current", "recorded"):
+        raise ReproTrackError(f"--env must be 'current' or 'recorded', not {env!r}")
     with tempfile.TemporaryDirectory(prefix="repro-track-replay-") as tmp, ExitStack() as cleanup:
         tmpdir = Path(tmp)
+        out = tmpdir / "replay"
+        out.mkdir()
+        # The child starts importing torch now, while this process loads the run, checks it and plans;
+        # it runs nothing of the project, and learns nothing of the run, before the plan is sent.
+        early = cleanup.enter_context(_EarlyChild(out)) if not dry_run and env == "current" else None
+        client = store.client_for(tracking_uri)
         progress(f"loading run {run} from {client.tracking_uri}")
         loaded = runs.load_run(client, run, tmpdir / "original")
         if settings.REQUIRE_SIGNED.get() if require_signed is None else require_signed:
             signing.require(loaded.signature, loaded.run_id)  # before anything is imported or run
         m = loaded.manifest
         check_environment(m.env_vars, loaded.run_id)  # a hand-written PYTHONPATH or LD_PRELOAD
-        out = tmpdir / "replay"
-        out.mkdir()
-        # The child's environment is known now: it starts importing torch (and diffusers) while this
-        # process checks the code and plans; it runs nothing of the project before the plan is sent.
-        early = cleanup.enter_context(_EarlyChild(m, out)) if not dry_run and env == "current" else None
         code_plan, entry_dir = _code(client, loaded, project, tmpdir, cleanup, current_code=current_code,
                                      consent=apply_recorded_diff, trusted=diff_trusted)
         source, root, source_sha = check_entry_point(m, entry_dir)
@@ -119,8 +121,6 @@ def replay(run: str, *, tracking_uri: str | None = None, project_dir: str | os.P
         if env == "recorded":  # rebuilt (or planned, for a dry run) before predicting against it
             env_plan, here, interpreter = _recorded_environment(client, loaded, tmpdir, here, allow_new_packages,
                                                                 build=not dry_run, progress=progress)
-        elif env != "current":
-            raise ReproTrackError(f"--env must be 'current' or 'recorded', not {env!r}")
         prediction = predict(m.to_dict(), here)
         reasons = [r.text for r in prediction.reasons]
         missing_parts = parts.unavailable(m.to_dict(), project)  # a model folder or commit not here
@@ -281,39 +281,43 @@ def _child_env(env_set: dict[str, str], env_unset: list[str]) -> dict[str, str]:
     return env
 
 
-def _spawn_child(interpreter: str, out: Path, env: dict[str, str], *, wait_for_go: bool,
-                 diffusers: bool = False) -> subprocess.Popen:
+def _spawn_child(interpreter: str, out: Path, env: dict[str, str], *, wait_for_go: bool) -> subprocess.Popen:
     # A scratch working dir: files the call writes by relative path land there, not in the project
     # (where they would overwrite the recording's own), and its recording reads them from there.
     scratch = out / "work"
     scratch.mkdir(exist_ok=True)
     # The child's stdout is the user's function's stdout: send it to our stderr so --json stays clean.
     # Its own session, so that a timeout ends whatever it started too. A child started early reads
-    # one line, "go", on stdin once the plan is written (then its stdin is /dev/null, as otherwise).
-    args = [str(out / "plan.json"), str(out)] + (["--wait"] if wait_for_go else []) + \
-        (["--diffusers"] if wait_for_go and diffusers else [])
+    # "go" on stdin once the plan is written (then its stdin is /dev/null, as otherwise).
+    args = [str(out / "plan.json"), str(out)] + (["--wait"] if wait_for_go else [])
     return subprocess.Popen([interpreter or sys.executable, "-c", _CHILD_LAUNCHER, *args], cwd=scratch, env=env,
                             stdout=sys.stderr, stdin=subprocess.PIPE if wait_for_go else subprocess.DEVNULL,
                             start_new_session=True)
 
 
 class _EarlyChild:
-    """The replay child, started as soon as the run's environment is checked: it imports torch (and
-    diffusers, when the recording used a pipeline) while the parent plans, then waits for "go".
+    """The replay child, started before the run is even loaded: it imports torch, diffusers and the rest
+    of what a replay needs (``child.PREWARM``) while the parent loads, verifies and plans, until "go".
 
-    Its environment is computed from the manifest exactly as the plan's will be; should the plan's
-    differ, or the replay stop before running, it is ended unused.
+    Its environment is a guess: this process's own, with ATen pinned to the level this CPU most likely
+    runs, which is what the plan asks for when the recording was made on a machine like this one with
+    the same bit-deciding variables. The plan's environment is computed from the manifest later; if it
+    differs in anything, or the replay stops before running, this child is ended unused and the
+    replay starts a fresh one. Nothing of the run reaches it before the plan does.
     """
 
-    def __init__(self, m: Any, out: Path):
-        from ..capture.cpu import capture_cpu
-        from .plan import Here, child_environment
+    def __init__(self, out: Path):
+        from ..capture import cpu
 
-        env_set, env_unset, _ = child_environment(m, Here(cpu=capture_cpu(), gpu={}, software={}, cuda_usable=False))
-        self.env = _child_env(env_set, env_unset)
-        pipelines = bool(m.pipelines) or m.call["module"].startswith("diffusers.") or any(
-            a.get("kind") == "pipeline" for a in m.arguments.values())
-        self.proc: subprocess.Popen | None = _spawn_child("", out, self.env, wait_for_go=True, diffusers=pipelines)
+        env_set = {}
+        if "ATEN_CPU_CAPABILITY" not in os.environ:
+            facts = cpu.capture_cpu()
+            level = cpu.likely_capability(facts["isa_flags"], facts["architecture"])
+            value = cpu.aten_capability_env_value(level) if level else None
+            if value:
+                env_set["ATEN_CPU_CAPABILITY"] = value
+        self.env = _child_env(env_set, [])
+        self.proc: subprocess.Popen | None = _spawn_child("", out, self.env, wait_for_go=True)
 
     def __enter__(self) -> "_EarlyChild":
         return self
@@ -324,7 +328,7 @@ class _EarlyChild:
     def take(self, env: dict[str, str], interpreter: str) -> subprocess.Popen | None:
         """The waiting child, told to go, if it was started with this very environment; else None."""
         proc, self.proc = self.proc, None
-        if proc is None or interpreter or env != self.env or proc.poll() is not None:
+        if proc is None or interpreter or not _same_child_env(env, self.env) or proc.poll() is not None:
             if proc is not None:
                 _stop(proc)
             return None
@@ -341,6 +345,20 @@ class _EarlyChild:
         proc, self.proc = self.proc, None
         if proc is not None:
             _stop(proc)
+
+
+def _same_child_env(planned: dict[str, str], started: dict[str, str]) -> bool:
+    """Whether a child started with ``started`` runs as one started with ``planned`` would: they agree
+    on every variable that decides bits or that repro-track records, and on what the interpreter and
+    loader read. Others may differ: libraries this process imported since may have set their own
+    (MLflow sets a telemetry session id), which the child neither needs nor is changed by."""
+    from ..capture import envvars
+
+    def matters(name: str) -> bool:
+        return envvars.is_recordable(name) or envvars.is_bit_deciding(name) or name == "PATH" \
+            or name.startswith(("PYTHON", "LD_", "DYLD_"))
+
+    return all(planned.get(n) == started.get(n) for n in set(planned) | set(started) if matters(n))
 
 
 def _stop(proc: subprocess.Popen) -> None:

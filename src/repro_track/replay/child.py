@@ -347,21 +347,30 @@ def _as_script(recording: Any) -> Any:
     return dataclasses.replace(recording, manifest=dataclasses.replace(recording.manifest, call=call))
 
 
-def _prewarm(diffusers: bool) -> None:
-    """Started early (``--wait``): import what every replay imports, and diffusers' pipeline module when
-    the recording used a pipeline (``--diffusers``), while the parent plans. Nothing of the project is
-    imported."""
-    _quiet_libraries()
-    names = ["torch", "repro_track.outputs", "repro_track.recorder", "repro_track.spool",
-             "repro_track.capture.torch_state"] + (["diffusers.pipelines.pipeline_utils"] if diffusers else [])
-    for name in names:
-        importlib.import_module(name)
+# What a replay imports, heaviest last, for a child started early (``--wait``): torch and this package,
+# diffusers' pipeline machinery with its models and schedulers (what any pipeline class pulls in), and
+# MLflow's image helpers (the replay's recording stages its images). Library modules only: nothing of
+# the project or of the run.
+PREWARM = ("torch", "repro_track.outputs", "repro_track.recorder", "repro_track.spool",
+           "repro_track.capture.torch_state", "diffusers.pipelines.pipeline_utils", "diffusers.models.unets",
+           "diffusers.schedulers", "mlflow.tracking.multimedia")
 
 
 def _wait_for_go() -> bool:
-    """Wait for the parent's "go" (the plan is written); then stdin is /dev/null, as for any replay."""
+    """Started early: import what a replay imports (``PREWARM``) while the parent loads the run and
+    plans, until it says "go" (the plan is written); what is not imported by then the run imports
+    itself. Then stdin is /dev/null, as for any replay."""
     import os
+    import select
 
+    _quiet_libraries()
+    for name in PREWARM:
+        if select.select([sys.stdin], [], [], 0)[0]:  # "go" (or the end of input) is waiting
+            break
+        try:
+            importlib.import_module(name)
+        except Exception:  # not installed, or broken: the run imports what it needs and reports it
+            pass
     line = sys.stdin.buffer.readline()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -377,13 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else argv
     plan_path, out_dir = Path(argv[0]), Path(argv[1])
-    if "--wait" in argv[2:]:
-        try:
-            _prewarm("--diffusers" in argv[2:])
-        except Exception:  # the run imports them again and reports what fails
-            pass
-        if not _wait_for_go():
-            return 0
+    if "--wait" in argv[2:] and not _wait_for_go():
+        return 0
     plan = json.loads(plan_path.read_text("utf-8"))
     try:
         result, code = run(plan, out_dir), 0
