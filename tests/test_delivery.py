@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -394,6 +395,86 @@ class TestBackground:
             assert m["manifest_digest"] == run.data.tags[tags.MANIFEST_DIGEST] == outcome.manifest_digest
             digests.add(m["manifest_digest"])
         assert len(digests) == 80
+
+
+class TestGitAfterTheCall:
+    """A call quicker than git returns without waiting for it; the upload carries git's answer."""
+
+    @pytest.fixture
+    def held_git(self, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+        """git answers only once the test releases it: (release, answered)."""
+        from repro_track.capture import git
+
+        capture_git, release, answered = git.capture_git, threading.Event(), threading.Event()
+
+        def held(path: Any) -> Any:
+            release.wait(60)
+            try:
+                return capture_git(path)
+            finally:
+                answered.set()
+
+        monkeypatch.setattr(git, "capture_git", held)
+        return release, answered
+
+    def test_completed_signed_and_uploaded(self, migrated_store: str, held_git: Any, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        import numpy as np
+
+        from repro_track import signing
+
+        private, public = signing.keygen(tmp_path / "key")
+        monkeypatch.setenv("REPRO_TRACK_SIGNING_KEY", str(private))
+        monkeypatch.setenv("REPRO_TRACK_TRUSTED_KEYS", str(public))
+
+        @repro_track.record(experiment="late-git")
+        def make() -> Any:
+            return np.arange(3.0)
+
+        release, answered = held_git
+        make()
+        assert not answered.is_set()  # the call returned before git answered
+        outcome = repro_track.last_recording(make)
+        release.set()
+        assert repro_track.flush(120)
+        run = store.client_for(migrated_store).get_run(outcome.run_id)
+        local = store.client_for(migrated_store).download_artifacts(outcome.run_id, tags.MANIFEST_PATH)
+        m = json.loads(Path(local).read_text("utf-8"))
+        assert m["git"]["available"] and m["git"]["commit"]  # this test file's repository
+        assert m["code"]["commit"] == m["git"]["commit"]
+        assert m["manifest_digest"] == run.data.tags[tags.MANIFEST_DIGEST] == outcome.manifest_digest
+        assert run.data.tags[tags.SIGNED_BY]  # signed after the git state was added, and it verifies
+
+    def test_killed_before_git_answers(self, tmp_path: Path, migrated_store: str) -> None:
+        script = tmp_path / "rec.py"
+        script.write_text(textwrap.dedent('''
+            import os, signal, time
+            import numpy as np
+            from repro_track.capture import git
+            import repro_track
+
+            git.capture_git = lambda path: time.sleep(600)  # git never answers in time
+
+
+            @repro_track.record(experiment="bg")
+            def make(index):
+                return np.full(2, index)
+
+
+            make(0)
+            print(repro_track.last_recording(make).recording_id, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        '''))
+        env = _env(migrated_store, tmp_path)
+        done = run_script(script, env=env, cwd=tmp_path)
+        assert done.returncode == -signal.SIGKILL
+        synced = run_cli("sync", "--json", env=env)
+        assert synced.returncode == 0, synced.stderr[-2000:]
+        [run] = _check_exactly_once(migrated_store, done.stdout.split(), "bg")
+        local = store.client_for(migrated_store).download_artifacts(run.info.run_id, tags.MANIFEST_PATH)
+        m = json.loads(Path(local).read_text("utf-8"))
+        assert not m["git"]["available"]
+        assert m["git"]["reason"] == "git had not answered when the recording process ended"
 
 
 class TestUploaderProcess:

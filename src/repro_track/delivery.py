@@ -180,6 +180,39 @@ class _Job:
     entry: spool.SpoolEntry
     outcome: RecordOutcome
     announce: bool  # warn from the worker if it fails (background); sync-mode callers warn themselves
+    # Set once the staged recording is final (at once, or when git answers: see _complete).
+    completed: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    abandoned: bool = False  # git took longer than _GIT_WAIT_S: uploaded as staged
+
+    def wait_complete(self) -> None:
+        """Wait for the recording's git state, at most ``_GIT_WAIT_S``; then upload it as staged."""
+        if self.completed.wait(_GIT_WAIT_S):
+            return
+        with self.lock:
+            if not self.completed.is_set():
+                self.abandoned = True
+                log.warning("repro-track: git did not answer within %g s; recording %s is uploaded "
+                            "without its git state", _GIT_WAIT_S, self.entry.recording_id)
+
+
+_GIT_WAIT_S = 120.0
+
+
+def _complete(job: _Job, recording: Any) -> None:
+    """Git answered after the call returned: bring the staged entry up to date before its upload."""
+    with job.lock:
+        if job.abandoned:
+            return
+        digest = None
+        try:
+            digest = spool.complete(job.entry, recording.result())
+        except Exception as exc:  # the staged recording says git had not answered: still true to upload
+            log.warning("repro-track: could not add the git state to recording %s (%r)",
+                        job.entry.recording_id, exc)
+        finally:
+            job.outcome.completed(digest)
+            job.completed.set()
 
 
 class _UploaderGone(Exception):
@@ -349,6 +382,7 @@ class _Worker:
             self._uploader.close(busy=self.handed_over)
 
     def _deliver(self, job: _Job) -> None:
+        job.wait_complete()
         uri = job.outcome.tracking_uri
         uploader = self._start_uploader() if _uploader_mode() == "process" else None
         try:
@@ -476,11 +510,16 @@ def deliver(recording: Recording, options: RecordOptions, *, parent: ParentRun |
         "context_tags": conventions.context_tags(),
         "parent_run_id": parent_id,
     }
-    entry = spool.create(recording, meta, validate=False)
+    later = recording.complete  # git had not answered when the call ended
+    entry = spool.create(recording, meta, validate=False, sign=later is None)
     outcome = RecordOutcome(None, uri, entry.path, entry.meta["manifest_digest"],
-                            recording_id=entry.recording_id, pending=True)
+                            recording_id=entry.recording_id, pending=True, completing=later is not None)
     waits = _mode() == "sync"
     job = _Job(entry, outcome, announce=not waits)
+    if later is None:
+        job.completed.set()
+    else:  # in git's thread when it answers (at once if it has by now)
+        later.add_done_callback(lambda done: _complete(job, done))
     worker = _worker()
     if not waits and worker.try_submit(job):
         return outcome

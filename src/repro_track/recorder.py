@@ -7,6 +7,7 @@ logging becomes one warning while the result is returned.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import inspect
@@ -101,25 +102,29 @@ class Recorder:
         from .delivery import staging
 
         with staging():  # the delivery worker gives way to the call (see delivery.give_way)
-            result, error, recording = self.capture(args, kwargs)
+            result, error, recording = self.capture(args, kwargs, late_git=True)
             if recording is not None:
                 self._local.outcome = self._log(recording)
         if error is not None:
             raise error.with_traceback(error.__traceback__)
         return result
 
-    def capture(self, args: tuple, kwargs: dict, *, kind: str = "record",
-                replay_of: str | None = None) -> tuple[Any, Exception | None, Recording | None]:
-        """Run the function and capture it; never raises what the function did not raise."""
+    def capture(self, args: tuple, kwargs: dict, *, kind: str = "record", replay_of: str | None = None,
+                late_git: bool = False) -> tuple[Any, Exception | None, Recording | None]:
+        """Run the function and capture it; never raises what the function did not raise.
+
+        ``late_git``: when git has not answered by the end of the call, return a recording without
+        its git state and a future of it with (``Recording.complete``) rather than wait.
+        """
         if self.options.deterministic:
             from .determinism import deterministic
 
             with deterministic():
-                return self._capture(args, kwargs, kind, replay_of)
-        return self._capture(args, kwargs, kind, replay_of)
+                return self._capture(args, kwargs, kind, replay_of, late_git)
+        return self._capture(args, kwargs, kind, replay_of, late_git)
 
-    def _capture(self, args: tuple, kwargs: dict, kind: str,
-                 replay_of: str | None) -> tuple[Any, Exception | None, Recording | None]:
+    def _capture(self, args: tuple, kwargs: dict, kind: str, replay_of: str | None,
+                 late_git: bool = False) -> tuple[Any, Exception | None, Recording | None]:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError:  # the call itself is wrong: let the function raise its own TypeError
@@ -142,7 +147,7 @@ class Recorder:
         entry["ended"] = time.perf_counter()
         entry["ended_at"] = _now()
         try:
-            recording = self._finish(entry, result, error, kind, replay_of)
+            recording = self._finish(entry, result, error, kind, replay_of, late_git)
         except Exception as exc:
             _warn(f"repro-track could not build the manifest for {self.fn.__qualname__} ({exc!r})")
             log.debug("manifest failed", exc_info=True)
@@ -202,8 +207,8 @@ class Recorder:
         return _code_identity(self.fn, site, git)
 
     def _finish(self, entry: dict, result: Any, error: BaseException | None, kind: str,
-                replay_of: str | None) -> Recording:
-        from .capture import environment, torch_state
+                replay_of: str | None, late_git: bool = False) -> Recording:
+        from .capture import GIT_PENDING, environment, no_git, torch_state
 
         captured = entry["args"]
         torch_state.mark_consumed(entry["global"], torch_state.global_rng_digests())
@@ -213,7 +218,9 @@ class Recorder:
         if error is None:  # each step's latents, when asked for (autolog's log_every_step)
             items += [outputs.NamedArray(name, value, "tensor") for name, value in entry["step_latents"]]
         site = self._call_site()
-        env = environment(None, git_state=entry["git"].result())
+        # git runs beside the call; a call quicker than git (a trivial one, a tiny model) need not wait
+        git_later = late_git and not entry["git"].done()
+        env = environment(None, git_state=(no_git(GIT_PENDING), None) if git_later else entry["git"].result())
         knobs = entry["knobs"]
         knobs["cuda_used"] = torch_state.cuda_started()  # the call may have started CUDA
         if entry["autocast"]:
@@ -238,8 +245,9 @@ class Recorder:
             pipelines=_used_pipelines(entry),
             trajectory=entry.get("trajectory") or [],
         )
-        return Recording(manifest, items if self.options.log_outputs else [], captured.inputs,
-                         env.requirements, env.git_diff)
+        recording = Recording(manifest, items if self.options.log_outputs else [], captured.inputs,
+                              env.requirements, env.git_diff)
+        return _with_git_later(recording, entry["git"]) if git_later else recording
 
     # ------------------------------------------------------------ logging
 
@@ -253,6 +261,27 @@ class Recorder:
             _warn(f"repro-track could not keep the recording of {self.fn.__qualname__}: {exc}")
             return RecordOutcome(None, self.options.tracking_uri or "", None,
                                  recording.manifest.digest, repr(exc))
+
+
+def _with_git_later(recording: Recording, git: Any) -> Recording:
+    """The recording as it is now (git pending), with a future of it complete once git answers: the
+    git section, the code section's commit and diff digest, and the diff itself."""
+    from concurrent.futures import Future
+
+    complete: Future = Future()
+
+    def answered(done: Any) -> None:
+        try:
+            section, diff = done.result()
+            m = recording.manifest
+            code = {**m.code, "commit": section.get("commit"), "diff_sha256": section.get("diff_sha256")}
+            manifest = dataclasses.replace(m, git=section, code=code)
+            complete.set_result(dataclasses.replace(recording, manifest=manifest, git_diff=diff))
+        except BaseException as exc:  # capture_git never raises; anything else is reported by delivery
+            complete.set_exception(exc)
+
+    git.add_done_callback(answered)
+    return dataclasses.replace(recording, complete=complete)
 
 
 def _used_pipelines(entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -288,8 +317,12 @@ def _imported_files(root: Path, git: dict[str, Any]) -> list[dict[str, Any]]:
     """Every project module loaded at the end of the call (helpers included), by digest."""
     from .capture import sources
 
+    from .capture import GIT_PENDING
+
     try:
-        tracked = sources.tracked_files(root) if git.get("available") else None
+        # While git has not answered, the tracked list (git's index, cached) is read all the same.
+        tracked = sources.tracked_files(root) if git.get("available") or git.get("reason") == GIT_PENDING \
+            else None
         return sources.imported_files(root, tracked)
     except Exception as exc:  # the list only sharpens the replay's code check; the recording goes on
         log.debug("imported project files not listed: %r", exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .outputs import NamedArray
 from .manifest import Manifest
@@ -39,6 +40,10 @@ class Recording:
     inputs: list[NamedArray]
     requirements: str
     git_diff: str | None
+    # For a call that returned before git answered: a concurrent.futures.Future of this recording with
+    # its git state (the manifest above says git had not answered, which is what a process killed in
+    # between leaves behind). None when the recording is complete.
+    complete: Any = field(default=None, compare=False, repr=False)
 
 
 class RecordOutcome:
@@ -52,14 +57,31 @@ class RecordOutcome:
 
     def __init__(self, run_id: str | None, tracking_uri: str, spool_path: Path | None,
                  manifest_digest: str | None, error: str | None = None, *,
-                 recording_id: str | None = None, pending: bool = False):
+                 recording_id: str | None = None, pending: bool = False, completing: bool = False):
         self.tracking_uri = tracking_uri
-        self.manifest_digest = manifest_digest
         self.recording_id = recording_id
+        self._digest = manifest_digest
         self._run_id, self._spool_path, self._error = run_id, spool_path, error
         self._settled = threading.Event()
+        self._completed = threading.Event()  # the manifest is final (git has answered)
         if not pending:
             self._settled.set()
+        if not completing:
+            self._completed.set()
+
+    @property
+    def manifest_digest(self) -> str | None:
+        """The digest of the recording's manifest. A call returns before git has answered when git is
+        slower than the call; the manifest, and so its digest, is final a few milliseconds later:
+        this waits for that (at most a minute)."""
+        self._completed.wait(60)
+        return self._digest
+
+    def completed(self, digest: str | None) -> None:
+        """The manifest is final (called by delivery); ``digest`` None keeps the staged one."""
+        if digest is not None:
+            self._digest = digest
+        self._completed.set()
 
     @property
     def run_id(self) -> str | None:
@@ -91,6 +113,7 @@ class RecordOutcome:
         self._run_id, self._error = run_id, error
         if run_id is not None:
             self._spool_path = None
+        self._completed.set()
         self._settled.set()
 
     def __repr__(self) -> str:

@@ -59,10 +59,11 @@ class SpoolEntry:
         return self.meta["recording_id"]
 
 
-def stage(recording: Any, artifacts: Path, *, images: bool = True, validate: bool = True) -> str:
+def stage(recording: Any, artifacts: Path, *, images: bool = True, validate: bool = True,
+          sign: bool = True) -> str:
     """Write a recording's artifact tree: repro/{manifest,outputs,inputs,requirements,git.diff}, images/.
 
-    Returns the manifest digest."""
+    Returns the manifest digest. ``sign=False`` leaves signing to :func:`complete`."""
     repro = artifacts / ARTIFACT_DIR
     repro.mkdir(parents=True, exist_ok=True)
     text, digest = recording.manifest.serialise(validate=validate)
@@ -83,8 +84,29 @@ def stage(recording: Any, artifacts: Path, *, images: bool = True, validate: boo
         m = recording.manifest
         stage_images(image_frames(recording.outputs), artifacts,
                      step=final_step(m.arguments), timestamp_ms=_ms(m.call["ended_at"]))
-    from .signing import sign_staged  # last: the signature covers every file written above
-    sign_staged(artifacts, digest)
+    if sign:
+        from .signing import sign_staged  # last: the signature covers every file written above
+        sign_staged(artifacts, digest)
+    return digest
+
+
+def complete(entry: "SpoolEntry", recording: Any) -> str:
+    """Bring a staged entry up to date with a recording completed after staging (its git state came
+    later): the manifest (replaced atomically), the git diff, the signature and the noted digest.
+    Returns the new manifest digest. A process killed before this leaves the staged manifest, which
+    says that git had not answered."""
+    repro = entry.artifacts / ARTIFACT_DIR
+    text, digest = recording.manifest.serialise(validate=False)
+    if recording.git_diff:
+        (repro / GIT_DIFF_FILE).write_text(recording.git_diff, "utf-8")
+    tmp = entry.path / (MANIFEST_FILE + ".tmp")  # outside artifacts/: never uploaded half-written
+    tmp.write_text(text, "utf-8")
+    os.replace(tmp, repro / MANIFEST_FILE)
+    from .signing import sign_staged
+
+    sign_staged(entry.artifacts, digest)
+    entry.meta["manifest_digest"] = digest
+    _write_meta(entry)
     return digest
 
 
@@ -162,10 +184,11 @@ def _try_claim(path: Path) -> Any:
     return lock
 
 
-def create(recording: Any, meta: dict[str, Any], *, validate: bool = True) -> SpoolEntry:
+def create(recording: Any, meta: dict[str, Any], *, validate: bool = True, sign: bool = True) -> SpoolEntry:
     """Stage a recording in the spool, claimed by this process until delivered or released.
 
-    ``validate=False`` leaves the schema check of the manifest to the upload (off the call path).
+    ``validate=False`` leaves the schema check of the manifest to the upload (off the call path);
+    ``sign=False`` leaves signing to :func:`complete`.
     """
     path = _writable_root() / meta["recording_id"]
     path.mkdir(parents=True, exist_ok=False)
@@ -173,7 +196,7 @@ def create(recording: Any, meta: dict[str, Any], *, validate: bool = True) -> Sp
     lock.acquire()  # a new folder: nobody else can hold it yet
     entry = SpoolEntry(path, meta, fresh=True, claim=lock)
     try:
-        meta["manifest_digest"] = stage(recording, entry.artifacts, validate=validate)
+        meta["manifest_digest"] = stage(recording, entry.artifacts, validate=validate, sign=sign)
         _write_meta(entry)
     except BaseException:
         lock.release()

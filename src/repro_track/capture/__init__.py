@@ -72,7 +72,7 @@ def environment(source_path: Path | None, *, with_git: bool = True,
     if git_state is not None:
         git_section, diff = git_state
     else:
-        git_section, diff = git.capture_git(source_path or Path.cwd()) if with_git else (_no_git(), None)
+        git_section, diff = git.capture_git(source_path or Path.cwd()) if with_git else (no_git(), None)
     return Environment(
         cpu=cpu_section,
         gpu=gpu.capture_gpu(),
@@ -83,7 +83,11 @@ def environment(source_path: Path | None, *, with_git: bool = True,
     )
 
 
-def _no_git() -> dict[str, Any]:
-    return {"available": False, "reason": "git capture was turned off", "root": None, "commit": None,
+GIT_PENDING = "git had not answered when the recording process ended"
+
+
+def no_git(reason: str = "git capture was turned off") -> dict[str, Any]:
+    """A git section that records no git state, saying why."""
+    return {"available": False, "reason": reason, "root": None, "commit": None,
             "branch": None, "remote_url": None, "dirty": None, "untracked": [],
             "untracked_truncated": False, "diff_sha256": None, "diff_bytes": 0, "diff_truncated": False}
