@@ -29,7 +29,7 @@ from safetensors.numpy import load_file
 
 import repro_track
 from conftest import free_port, run_cli, run_script, write_project
-from repro_track import outputs, runs, store, tags, testing
+from repro_track import outputs, runs, tags, testing
 from repro_track.capture import gpu as gpu_capture
 from repro_track.capture import torch_state
 from repro_track.card import record_card
