@@ -32,7 +32,10 @@ READY = {"ready": True}
 def serve(job: dict[str, Any], clients: dict[str, Any]) -> dict[str, str]:
     """Claim and upload one handed-over entry; the reply sent back to the worker."""
     listed = spool.SpoolEntry(Path(job["path"]), {})
-    entry = spool.claim(listed)
+    try:
+        entry = spool.claim(listed)
+    except OSError as exc:  # the spool folder went away: nothing to upload, and nothing to keep
+        return {"error": f"could not claim {listed.path}: {exc}"}
     if entry is None:
         return {"skipped": f"another process claimed {listed.path} first (a `repro-track sync`?)"}
     entry = dataclasses.replace(entry, fresh=bool(job.get("fresh")))
@@ -47,7 +50,8 @@ def _take_on(job: dict[str, Any]) -> None:
     # and the working directory a relative store path is read against.
     os.environ.clear()
     os.environ.update(job["env"])
-    os.chdir(job["cwd"])
+    with contextlib.suppress(OSError):  # a folder removed since: absolute paths still work
+        os.chdir(job["cwd"])
 
 
 def main(requests: BinaryIO | None = None) -> None:
