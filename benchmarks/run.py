@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {load_before} before and {info['load_average']} after; torch threads "
           f"{args.threads or 'default'}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"quick": args.quick, "threads": args.threads, "total_s": total,
                                                "load_average_before": load_before, "machine": info,
                                                "rows": [row.to_dict() for row in rows]}, indent=1), "utf-8")
