@@ -95,6 +95,12 @@ if action == "flush":
 '''
 
 
+def delivery_sync() -> Any:
+    from repro_track import delivery
+
+    return delivery.sync()
+
+
 def _runs(uri: str, experiment: str) -> list[Any]:
     client = store.client_for(uri)
     found = client.get_experiment_by_name(experiment)
@@ -445,6 +451,34 @@ class TestGitAfterTheCall:
         assert m["manifest_digest"] == run.data.tags[tags.MANIFEST_DIGEST] == outcome.manifest_digest
         assert run.data.tags[tags.SIGNED_BY]  # signed after the git state was added, and it verifies
 
+    def test_the_working_directory_removed_before_the_upload(self, migrated_store: str, held_git: Any,
+                                                             tmp_path: Path, uploader: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+        import shutil
+
+        import numpy as np
+
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        monkeypatch.chdir(gone)
+
+        @repro_track.record(experiment="cwd-gone")
+        def make(index: int) -> Any:
+            return np.full(2, index)
+
+        make(0)
+        outcome = repro_track.last_recording(make)
+        shutil.rmtree(gone)  # before the worker hands the recording on: it waits for git
+        held_git[0].set()
+        assert repro_track.flush(120)
+        # MLflow resolves its new experiment's artifact root against the working directory, which is
+        # gone: the upload fails as it would in the caller's thread, and the entry is left for sync.
+        assert outcome.run_id is None and "No such file or directory" in (outcome.error or "")
+        assert [e.recording_id for e in spool.pending()] == [outcome.recording_id]
+        monkeypatch.chdir(tmp_path)
+        assert [u["recording_id"] for u in delivery_sync().uploaded] == [outcome.recording_id]
+        _check_exactly_once(migrated_store, [outcome.recording_id], "cwd-gone")
+
     def test_killed_before_git_answers(self, tmp_path: Path, migrated_store: str) -> None:
         script = tmp_path / "rec.py"
         script.write_text(textwrap.dedent('''
@@ -510,6 +544,57 @@ class TestUploaderProcess:
         assert outcome.run_id == started.info.run_id and outcome.error is None  # adopted, not made again
         _check_exactly_once(migrated_store, [outcome.recording_id], "orphaned")
         assert delivery._worker_now._uploader is None and delivery._worker_now._uploader_failed
+
+
+FORK_DURING_UPLOAD = '''
+import os, time
+import numpy as np
+import repro_track
+from repro_track import delivery
+
+
+@repro_track.record(experiment="fork")
+def make(index):
+    return np.full(2, index)
+
+
+def until(condition, seconds):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+make(0)
+print(repro_track.last_recording(make).recording_id, flush=True)
+until(lambda: delivery._worker_now._uploader and delivery._worker_now._uploader.ready(), 120)
+make(1)  # slowed in the uploader: the worker thread waits for its reply, holding the pipe's lock
+print(repro_track.last_recording(make).recording_id, flush=True)
+until(lambda: delivery._worker_now.handed_over, 60)
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+deadline = time.monotonic() + 30
+while not os.waitpid(pid, os.WNOHANG)[0]:
+    if time.monotonic() > deadline:
+        os.kill(pid, 9)
+        print("child hung", flush=True)
+        break
+    time.sleep(0.05)
+print("flushed", repro_track.flush(120), flush=True)
+'''
+
+
+class TestForkDuringUpload:
+    """A process forked while the worker waits for the uploader's reply runs on (it used to hang)."""
+
+    def test_the_child_exits_and_the_parent_uploads(self, tmp_path: Path, migrated_store: str) -> None:
+        script = tmp_path / "fork.py"
+        script.write_text(FORK_DURING_UPLOAD)
+        done = run_script(script, env=_recorder_env(migrated_store, tmp_path, "process", "2"), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "child hung" not in done.stdout and "flushed True" in done.stdout
+        _check_exactly_once(migrated_store, done.stdout.split()[:2], "fork")
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 from . import conventions, settings, spool
 from .context import ParentRun
 from .manifest import Manifest, validate
-from .records import Recording, RecordingWarning, RecordOptions, RecordOutcome
+from .records import GIT_WAIT_S, Recording, RecordingWarning, RecordOptions, RecordOutcome
 from .store import client_for, probe, resolve_tracking_uri, upload
 from .tags import MANIFEST_PATH
 
@@ -183,20 +183,18 @@ class _Job:
     # Set once the staged recording is final (at once, or when git answers: see _complete).
     completed: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    abandoned: bool = False  # git took longer than _GIT_WAIT_S: uploaded as staged
+    abandoned: bool = False  # git took longer than GIT_WAIT_S: uploaded as staged
 
     def wait_complete(self) -> None:
-        """Wait for the recording's git state, at most ``_GIT_WAIT_S``; then upload it as staged."""
-        if self.completed.wait(_GIT_WAIT_S):
+        """Wait for the recording's git state, at most ``GIT_WAIT_S``; then upload it as staged."""
+        if self.completed.wait(GIT_WAIT_S):
             return
         with self.lock:
             if not self.completed.is_set():
                 self.abandoned = True
                 log.warning("repro-track: git did not answer within %g s; recording %s is uploaded "
-                            "without its git state", _GIT_WAIT_S, self.entry.recording_id)
-
-
-_GIT_WAIT_S = 120.0
+                            "without its git state", GIT_WAIT_S, self.entry.recording_id)
+                _seal(self)
 
 
 def _complete(job: _Job, recording: Any) -> None:
@@ -204,19 +202,40 @@ def _complete(job: _Job, recording: Any) -> None:
     with job.lock:
         if job.abandoned:
             return
-        digest = None
         try:
-            digest = spool.complete(job.entry, recording.result())
+            job.outcome.completed(spool.complete(job.entry, recording.result()))
         except Exception as exc:  # the staged recording says git had not answered: still true to upload
             log.warning("repro-track: could not add the git state to recording %s (%r)",
                         job.entry.recording_id, exc)
+            _seal(job)
         finally:
-            job.outcome.completed(digest)
             job.completed.set()
+
+
+def _seal(job: _Job) -> None:
+    """Upload the entry as it is on disk: signed (when a key is set) and with its own digest."""
+    digest = None
+    try:
+        digest = spool.seal(job.entry)
+    except Exception as exc:  # uploaded unsigned; a replay that requires signatures says so
+        log.warning("repro-track: could not sign recording %s (%r)", job.entry.recording_id, exc)
+    job.outcome.completed(digest)
 
 
 class _UploaderGone(Exception):
     """The uploader process ended (or never answered) without a reply."""
+
+
+class _ClaimedElsewhere(Exception):
+    """Another process has the entry (a ``repro-track sync``), or the uploader delivered it and ended
+    before saying so: not a failure to warn about, as it is (being) uploaded."""
+
+
+# Run as ``-c`` rather than ``-m``: ``-m`` puts the working directory first on sys.path, where a
+# ``json.py`` or ``filelock.py`` of the caller's would run with the caller's credentials.
+_UPLOADER_LAUNCHER = ("import sys; sys.path[:] = [p for p in sys.path if p != '']; import runpy; "
+                      "runpy.run_module('repro_track.uploader', run_name='__main__', alter_sys=True)")
+_FORKED_AWAY: list[Any] = []  # a forked child's copies of the uploader pipes, never closed (see forget)
 
 
 class _Uploader:
@@ -224,20 +243,25 @@ class _Uploader:
     once it says it is ready (until then the worker uploads in its own thread)."""
 
     def __init__(self) -> None:
+        # This package, should the caller have imported it from a folder on sys.path only: after the
+        # caller's own PYTHONPATH, so that both processes load the same libraries.
         package_parent = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-        self._proc = subprocess.Popen([sys.executable, "-m", "repro_track.uploader"], env=env,
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), package_parent) if p)
+        self._proc = subprocess.Popen([sys.executable, "-c", _UPLOADER_LAUNCHER], env=env,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._fds = (self._proc.stdin.fileno(), self._proc.stdout.fileno())  # type: ignore[union-attr]
         self._ready = False
         self.served = 0  # uploads it completed
 
     def ready(self) -> bool:
-        """Whether it has said it is ready; never waits."""
+        """Whether it has said it is ready; never waits. Raises _UploaderGone if it cannot be used."""
         if not self._ready and self._proc.poll() is None:
-            readable, _, _ = select.select([self._proc.stdout], [], [], 0)
-            if readable:
-                self._ready = self._read() == {"ready": True}
+            try:
+                readable, _, _ = select.select([self._proc.stdout], [], [], 0)
+                self._ready = bool(readable) and self._read() == {"ready": True}
+            except (OSError, ValueError) as exc:  # no select on pipes here, or a garbled line
+                raise _UploaderGone(f"the uploader process cannot be used ({exc})") from None
         return self._ready and self._proc.poll() is None
 
     def _read(self) -> dict[str, Any]:
@@ -245,13 +269,16 @@ class _Uploader:
         line = self._proc.stdout.readline()
         if not line:
             raise _UploaderGone(f"the uploader process ended (exit status {self._proc.wait()})")
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise _UploaderGone(f"the uploader process answered {line[:200]!r}") from None
 
     def deliver(self, entry: spool.SpoolEntry, uri: str) -> dict[str, Any]:
         """Hand a claimed entry over and wait for the reply: run_id, error or skipped."""
         assert self._proc.stdin is not None
-        job = {"path": str(entry.path.resolve()), "fresh": entry.fresh, "uri": uri,
-               "cwd": os.getcwd(), "env": dict(os.environ)}
+        job = {"path": str(entry.path.resolve()), "fresh": entry.fresh, "uri": uri, "cwd": os.getcwd(),
+               "env": os.environ.copy()}
         spool.hand_over(entry)
         try:
             self._proc.stdin.write(json.dumps(job).encode("utf-8") + b"\n")
@@ -272,11 +299,18 @@ class _Uploader:
                 self._proc.wait(0.5)
 
     def forget(self) -> None:
-        """In a forked child: drop this process's copies of the pipes, so the uploader still sees its
-        input close when the parent ends."""
-        for pipe in (self._proc.stdin, self._proc.stdout):
-            with contextlib.suppress(OSError):
-                pipe.close()  # type: ignore[union-attr]
+        """In a forked child: point this process's copies of the pipes at /dev/null, so the uploader
+        still sees its input close when the parent ends. The file objects are never closed (nor
+        collected): a worker thread of the parent may have held their locks at the fork, and no thread
+        here would ever release them."""
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            for fd in self._fds:
+                with contextlib.suppress(OSError):
+                    os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+        _FORKED_AWAY.append(self)
 
 
 class _Worker:
@@ -356,17 +390,22 @@ class _Worker:
                             "thread instead", exc)
         return self._uploader
 
+    def _uploader_gone(self, why: Any) -> None:
+        self._uploader, self._uploader_failed = None, True
+        log.warning("repro-track: %s; uploading in a thread from now on", why)
+
     def _upload_in_uploader(self, job: _Job, uploader: _Uploader, uri: str) -> str | None:
         """The run id, or None when the uploader is gone and the entry is this thread's again."""
         try:
             self.handed_over = True
             reply = uploader.deliver(job.entry, uri)
         except _UploaderGone as exc:
-            self._uploader, self._uploader_failed = None, True
-            log.warning("repro-track: %s; uploading in a thread from now on", exc)
+            self._uploader_gone(exc)
             entry = spool.claim(job.entry)  # not fresh now: the upload may have begun
             if entry is None:
-                raise RuntimeError(f"another process claimed {job.entry.path} first") from None
+                raise _ClaimedElsewhere(
+                    "the uploader process ended before saying which run it made" if not job.entry.path.exists()
+                    else f"another process is uploading {job.entry.path}") from None
             job.entry = entry
             return None
         finally:
@@ -374,7 +413,9 @@ class _Worker:
         if "run_id" in reply:
             uploader.served += 1
             return reply["run_id"]
-        raise RuntimeError(reply.get("error") or reply.get("skipped") or f"unexpected reply {reply!r}")
+        if "skipped" in reply:
+            raise _ClaimedElsewhere(reply["skipped"])
+        raise RuntimeError(reply.get("error") or f"unexpected reply {reply!r}")
 
     def close(self) -> None:
         """Let the uploader process go (at exit, after the bounded flush)."""
@@ -384,21 +425,41 @@ class _Worker:
     def _deliver(self, job: _Job) -> None:
         job.wait_complete()
         uri = job.outcome.tracking_uri
-        uploader = self._start_uploader() if _uploader_mode() == "process" else None
         try:
             run_id = None
-            if uploader is not None and uploader.ready():
-                run_id = self._upload_in_uploader(job, uploader, uri)
+            uploader = self._start_uploader() if _uploader_mode() == "process" else None
+            try:
+                usable = uploader is not None and uploader.ready()
+            except _UploaderGone as exc:
+                self._uploader_gone(exc)
+                usable = False
+            if usable and _cwd() is not None:  # MLflow may resolve paths against it: the thread's own
+                run_id = self._upload_in_uploader(job, uploader, uri)  # type: ignore[arg-type]
             if run_id is None:
                 give_way.wait()  # the schema check in deliver_claimed is pure Python too
                 run_id = deliver_claimed(job.entry, uri, self._clients,
                                          make_client=lambda u: _PoliteClient(client_for(u)))
+        except _ClaimedElsewhere as exc:  # uploaded, or being uploaded, by another process
+            job.outcome.settle(error=str(exc))
+            return
         except Exception as exc:
+            claim = job.entry.claim
+            if claim is not None and claim.is_locked:  # failed before anyone uploaded: for sync now
+                spool.release(job.entry, repr(exc))
             job.outcome.settle(error=str(exc) or repr(exc))
             if job.announce:
                 _warn_spooled(uri, job.entry, job.outcome.error or "", stacklevel=1)
             return
         job.outcome.settle(run_id=run_id)
+
+
+def _cwd() -> str | None:
+    """The working directory, None when it was removed (the upload then runs in the worker's thread,
+    where MLflow finds it missing just as the caller would)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
 
 
 _lock = threading.Lock()

@@ -15,6 +15,11 @@ from .outputs import NamedArray
 from .manifest import Manifest
 
 
+# How long a staged recording waits for its git state (git runs beside the call; a call quicker than git
+# returns first) before it is uploaded as staged, saying that git had not answered.
+GIT_WAIT_S = 120.0
+
+
 class RecordingWarning(UserWarning):
     """Recording or logging failed; the generation itself was not affected."""
 
@@ -73,8 +78,8 @@ class RecordOutcome:
     def manifest_digest(self) -> str | None:
         """The digest of the recording's manifest. A call returns before git has answered when git is
         slower than the call; the manifest, and so its digest, is final a few milliseconds later:
-        this waits for that (at most a minute)."""
-        self._completed.wait(60)
+        this waits for that, at most ``GIT_WAIT_S`` (when git hangs, the staged digest)."""
+        self._completed.wait(GIT_WAIT_S)
         return self._digest
 
     def completed(self, digest: str | None) -> None:

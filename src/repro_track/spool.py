@@ -184,6 +184,18 @@ def _try_claim(path: Path) -> Any:
     return lock
 
 
+def seal(entry: "SpoolEntry") -> str:
+    """Sign a staged entry as it is on disk and note its manifest's digest: for an entry staged to be
+    completed later (see :func:`complete`) when that did not happen. Returns the digest."""
+    from .signing import sign_staged
+
+    m = json.loads((entry.artifacts / ARTIFACT_DIR / MANIFEST_FILE).read_text("utf-8"))
+    sign_staged(entry.artifacts, m["manifest_digest"])
+    entry.meta["manifest_digest"] = m["manifest_digest"]
+    _write_meta(entry)
+    return m["manifest_digest"]
+
+
 def create(recording: Any, meta: dict[str, Any], *, validate: bool = True, sign: bool = True) -> SpoolEntry:
     """Stage a recording in the spool, claimed by this process until delivered or released.
 

@@ -1,8 +1,8 @@
 """The uploader process: uploads claimed spool entries for a recording process's delivery worker.
 
 A thread uploading with MLflow competes with the caller's recording calls for the GIL; a process does
-not. The delivery worker starts ``python -m repro_track.uploader`` with its first recording and, once
-the uploader says it is ready, hands each staged entry over in turn: it lets go of the entry's claim,
+not. The delivery worker runs this module as a script (the caller's working directory left off
+sys.path) with its first recording and, once the uploader says it is ready, hands each staged entry over in turn: it lets go of the entry's claim,
 sends one JSON line (the entry's folder, whether it is fresh, the tracking URI, the caller's working
 directory and environment at that moment), and reads one JSON line back: the run id, an error, or
 that another process had claimed the entry first. The uploader claims the entry itself before
@@ -10,7 +10,8 @@ anything is sent, so the one delivery protocol (``delivery.deliver_claimed``) ho
 uploaded once, and one whose upload was cut short is finished by ``sync``.
 
 The uploader ends when its input closes (the recording process ended or was killed): it finishes
-the upload it is doing, never starts another, and leaves the rest to ``repro-track sync``.
+the upload it is doing, never starts another, and leaves the rest to ``repro-track sync``. It ignores
+Ctrl-C, which the terminal sends to the recording process's whole group.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -50,8 +52,7 @@ def _take_on(job: dict[str, Any]) -> None:
     # and the working directory a relative store path is read against.
     os.environ.clear()
     os.environ.update(job["env"])
-    with contextlib.suppress(OSError):  # a folder removed since: absolute paths still work
-        os.chdir(job["cwd"])
+    os.chdir(job["cwd"])
 
 
 def main(requests: BinaryIO | None = None) -> None:
@@ -60,6 +61,9 @@ def main(requests: BinaryIO | None = None) -> None:
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     requests = requests or sys.stdin.buffer
+    # Ctrl-C in the caller's terminal reaches this process too: it must not cut an upload short. It
+    # ends when its input closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Background work: the recording process (and the git it runs per call) goes first for a core.
     with contextlib.suppress(OSError, AttributeError):
         os.nice(10)
@@ -69,7 +73,11 @@ def main(requests: BinaryIO | None = None) -> None:
         clients: dict[str, Any] = {}
         for line in requests:
             job = json.loads(line)
-            _take_on(job)
+            try:
+                _take_on(job)
+            except OSError as exc:  # the folder went away since: the entry stays for sync
+                _reply(replies, {"error": f"could not enter the working directory {job['cwd']}: {exc}"})
+                continue
             _reply(replies, serve(job, clients))
     except BrokenPipeError:  # the recording process is gone: what is left is for `repro-track sync`
         return
