@@ -381,6 +381,7 @@ class TestShow:
         outside.write_bytes(stored.read_bytes())
         stored.unlink()
         stored.symlink_to(outside)
+        capsys.readouterr()  # what relogging printed (MLflow's download progress bar) is not show's
         assert cli_main(["show", run_id, "--tracking-uri", signed_project.tracking_uri]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "requirements.txt is a symbolic link" in err
