@@ -533,19 +533,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> NoReturn:
-    """The ``repro-track`` program: :func:`main`, then an exit that skips the interpreter's teardown of
-    the libraries a command loaded (torch's alone takes over a second after a replay). The exit
-    handlers run first (pending uploads, MLflow's and logging's own), and the output is flushed."""
-    import atexit
+    """The ``repro-track`` program: :func:`main`, then an exit without the interpreter's teardown of the
+    libraries a command loaded (see ``repro_track.process``)."""
+    from .process import exit_now
 
-    code = main(argv)  # argparse's own exits (--help, a usage error) end the process as usual
-    atexit._run_exitfuncs()  # what a normal exit runs before the teardown
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    exit_now(main(argv))  # argparse's own exits (--help, a usage error) end the process as usual
 
 
 if __name__ == "__main__":

@@ -400,21 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _exit_now(code: int) -> None:
-    """End the child once its result is written, without the interpreter's teardown of torch and the
-    rest (over a second, which the replay would wait for). Output and logs are flushed first; the
-    call and its staging are done, and nothing of this dedicated process is needed after them."""
-    import logging
-    import os
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _exit_now(main())
+    # Once its result is written, nothing of this dedicated process is needed: it ends without the
+    # teardown of torch and the rest, which the replay would wait for.
+    from repro_track.process import exit_now
+
+    exit_now(main())
