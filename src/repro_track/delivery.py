@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 from . import conventions, settings, spool
 from .context import ParentRun
 from .manifest import Manifest, validate
+from .process import module_command
 from .records import GIT_WAIT_S, Recording, RecordingWarning, RecordOptions, RecordOutcome
 from .store import client_for, probe, resolve_tracking_uri, upload
 from .tags import MANIFEST_PATH
@@ -231,10 +232,6 @@ class _ClaimedElsewhere(Exception):
     before saying so: not a failure to warn about, as it is (being) uploaded."""
 
 
-# Run as ``-c`` rather than ``-m``: ``-m`` puts the working directory first on sys.path, where a
-# ``json.py`` or ``filelock.py`` of the caller's would run with the caller's credentials.
-_UPLOADER_LAUNCHER = ("import sys; sys.path[:] = [p for p in sys.path if p != '']; import runpy; "
-                      "runpy.run_module('repro_track.uploader', run_name='__main__', alter_sys=True)")
 _FORKED_AWAY: list[Any] = []  # a forked child's copies of the uploader pipes, never closed (see forget)
 
 
@@ -248,7 +245,7 @@ class _Uploader:
         package_parent = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), package_parent) if p)
-        self._proc = subprocess.Popen([sys.executable, "-c", _UPLOADER_LAUNCHER], env=env,
+        self._proc = subprocess.Popen([sys.executable, *module_command("repro_track.uploader")], env=env,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._fds = (self._proc.stdin.fileno(), self._proc.stdout.fileno())  # type: ignore[union-attr]
         self._ready = False

@@ -1,6 +1,10 @@
-"""Ending a process of ours (the CLI, the replay child) without the interpreter's teardown.
+"""Starting and ending processes of ours (the uploader, the replay child, the CLI).
 
-Tearing down torch and the other libraries a command loaded takes over a second, which a user (or a
+A module of ours runs as a script with the working directory left off ``sys.path``: ``python -m``
+puts it first, where a ``json.py`` or ``filelock.py`` of the caller's would run in our process (with
+the caller's credentials, in the uploader; before the plan is checked, in a replay child).
+
+Ending one without the interpreter's teardown: tearing down torch and the other libraries a command loaded takes over a second, which a user (or a
 replay waiting for its child) would wait for while nothing is left to do. The exit handlers run first,
 as a normal exit runs them (pending uploads, MLflow's and logging's own), then the output is flushed.
 """
@@ -22,3 +26,9 @@ def exit_now(code: int) -> NoReturn:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def module_command(module: str) -> list[str]:
+    """The interpreter arguments that run ``module`` as ``__main__``, the working directory off sys.path."""
+    return ["-c", "import sys; sys.path[:] = [p for p in sys.path if p != '']; import runpy; "
+                  f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"]

@@ -315,9 +315,7 @@ def _code_identity(fn: Callable[..., Any], site: dict[str, Any], git: dict[str, 
 
 def _imported_files(root: Path, git: dict[str, Any]) -> list[dict[str, Any]]:
     """Every project module loaded at the end of the call (helpers included), by digest."""
-    from .capture import sources
-
-    from .capture import GIT_PENDING
+    from .capture import GIT_PENDING, sources
 
     try:
         # While git has not answered, the tracked list (git's index, cached) is read all the same.

@@ -102,12 +102,7 @@ def complete(entry: "SpoolEntry", recording: Any) -> str:
     tmp = entry.path / (MANIFEST_FILE + ".tmp")  # outside artifacts/: never uploaded half-written
     tmp.write_text(text, "utf-8")
     os.replace(tmp, repro / MANIFEST_FILE)
-    from .signing import sign_staged
-
-    sign_staged(entry.artifacts, digest)
-    entry.meta["manifest_digest"] = digest
-    _write_meta(entry)
-    return digest
+    return _signed(entry, digest)
 
 
 def _ms(iso: str) -> int:
@@ -187,13 +182,18 @@ def _try_claim(path: Path) -> Any:
 def seal(entry: "SpoolEntry") -> str:
     """Sign a staged entry as it is on disk and note its manifest's digest: for an entry staged to be
     completed later (see :func:`complete`) when that did not happen. Returns the digest."""
+    m = json.loads((entry.artifacts / ARTIFACT_DIR / MANIFEST_FILE).read_text("utf-8"))
+    return _signed(entry, m["manifest_digest"])
+
+
+def _signed(entry: "SpoolEntry", digest: str) -> str:
+    """Sign the entry's artifacts as they are now and note the manifest digest in its meta."""
     from .signing import sign_staged
 
-    m = json.loads((entry.artifacts / ARTIFACT_DIR / MANIFEST_FILE).read_text("utf-8"))
-    sign_staged(entry.artifacts, m["manifest_digest"])
-    entry.meta["manifest_digest"] = m["manifest_digest"]
+    sign_staged(entry.artifacts, digest)
+    entry.meta["manifest_digest"] = digest
     _write_meta(entry)
-    return m["manifest_digest"]
+    return digest
 
 
 def create(recording: Any, meta: dict[str, Any], *, validate: bool = True, sign: bool = True) -> SpoolEntry:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from ..errors import EntryPointRefused, NotReplayableError, ReproTrackError, UntrustedManifestError
 from ..outcomes import NOT_RERUN, meets
+from ..process import module_command
 from . import parts
 from .compare import OutputComparison, compare_one, observed_level
 
@@ -243,13 +244,6 @@ def _code(client: Any, loaded: Any, project: Path, tmpdir: Path, cleanup: ExitSt
     return code.build_worktree(plan, project, worktree)
 
 
-# `python -m` would put the working dir first on sys.path, so a file there named like a module the
-# child imports (json.py, typing.py) would run before any entry-point check. The launcher drops it;
-# the child adds the checked import root itself. (-P needs Python 3.11.)
-_CHILD_LAUNCHER = ("import sys; sys.path[:] = [p for p in sys.path if p != '']; import runpy; "
-                   "runpy.run_module('repro_track.replay.child', run_name='__main__', alter_sys=True)")
-
-
 def _timeout(setting: Any, given: float | None) -> float | None:
     """Seconds the child may run (None: no limit), from the argument, else the setting."""
     if given is not None:
@@ -286,11 +280,14 @@ def _spawn_child(interpreter: str, out: Path, env: dict[str, str], *, wait_for_g
     # (where they would overwrite the recording's own), and its recording reads them from there.
     scratch = out / "work"
     scratch.mkdir(exist_ok=True)
-    # The child's stdout is the user's function's stdout: send it to our stderr so --json stays clean.
+    # Run without the working dir on sys.path (process.module_command); the child adds the checked
+    # import root itself. The child's stdout is the user's function's stdout: send it to our stderr so
+    # --json stays clean.
     # Its own session, so that a timeout ends whatever it started too. A child started early reads
     # "go" on stdin once the plan is written (then its stdin is /dev/null, as otherwise).
     args = [str(out / "plan.json"), str(out)] + (["--wait"] if wait_for_go else [])
-    return subprocess.Popen([interpreter or sys.executable, "-c", _CHILD_LAUNCHER, *args], cwd=scratch, env=env,
+    return subprocess.Popen([interpreter or sys.executable, *module_command("repro_track.replay.child"), *args],
+                            cwd=scratch, env=env,
                             stdout=sys.stderr, stdin=subprocess.PIPE if wait_for_go else subprocess.DEVNULL,
                             start_new_session=True)
 
