@@ -181,6 +181,15 @@ class TestRemotes:
         run_git(repo, "remote", "add", "mirror", "git@example.com:org/repo.git")
         assert git_capture.capture_git(repo)[0]["remote_url"] == "git@example.com:org/repo.git"
 
+    def test_remote_followed_when_the_config_changes(self, repo: Path) -> None:
+        """The remote is read once per repository and kept, until the repository's config changes."""
+        assert git_capture.capture_git(repo)[0]["remote_url"] is None
+        run_git(repo, "remote", "add", "origin", "https://example.com/first.git")
+        assert git_capture.capture_git(repo / "sub")[0]["remote_url"] == "https://example.com/first.git"
+        assert git_capture.capture_git(repo / "sub")[0]["remote_url"] == "https://example.com/first.git"
+        run_git(repo, "remote", "set-url", "origin", "https://example.com/second-home.git")
+        assert git_capture.capture_git(repo / "sub")[0]["remote_url"] == "https://example.com/second-home.git"
+
     def test_local_path_remote_is_not_recorded(self, repo: Path, tmp_path: Path) -> None:
         run_git(repo, "remote", "add", "origin", str(tmp_path / "elsewhere.git"))
         section, _ = git_capture.capture_git(repo)
@@ -202,7 +211,24 @@ class TestNotARepository:
 
     def test_missing_path(self, tmp_path: Path) -> None:
         section, _ = git_capture.capture_git(tmp_path / "does-not-exist")
-        assert section["available"] is False and section["reason"]
+        assert section["available"] is False and section["reason"] == "path does not exist"
+
+    def test_bare_repository(self, tmp_path: Path) -> None:
+        bare = tmp_path / "bare.git"
+        bare.mkdir()
+        run_git(bare, "init", "-q", "--bare")
+        section, diff = git_capture.capture_git(bare)
+        assert section["available"] is False and diff is None
+        assert section["reason"] == "repository has no working tree (bare)"
+
+    def test_git_executable_missing(self, repo: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        import git
+
+        monkeypatch.setattr(git.Git, "GIT_PYTHON_GIT_EXECUTABLE", str(tmp_path / "no-git-here"))
+        section, diff = git_capture.capture_git(repo)
+        assert section["available"] is False and diff is None
+        assert section["reason"] == "git could not read the repository (FileNotFoundError)"
+        assert str(tmp_path) not in json.dumps(section)
 
     def test_no_commits_yet(self, tmp_path: Path) -> None:
         repo = make_repo(tmp_path / "fresh", commit=False)

@@ -1,19 +1,23 @@
 """Source-code provenance from git: commit, branch, remote, dirty state and the diff.
 
-All state comes from one ``git status --porcelain=v2`` call, plus ``git diff HEAD`` only
-when tracked files changed, so a clean tree costs a single subprocess. Nothing recorded
-names a place on this machine: the working-tree root is never stored, remotes that are
-local paths are dropped, and credentials are stripped from remote URLs.
+All state comes from one ``git status --porcelain=v2`` process, plus ``git diff HEAD`` only
+when tracked files changed, so a clean tree costs a single subprocess and little Python beside the
+generation it runs with (the recorder starts it at call entry, in a thread). The remote URL is read
+once per repository through GitPython and kept until the repository's config file changes. Nothing recorded names a place on this machine: the
+working-tree root is never stored, remotes that are local paths are dropped, and credentials are
+stripped from remote URLs.
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import logging
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -30,40 +34,132 @@ MAX_UNTRACKED = 200
 _USER_NAME_SCHEMES = frozenset({"ssh", "git+ssh", "ssh+git"})
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
+_STATUS = ("status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all")
 
-def capture_git(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
+GitState = tuple[dict[str, Any], "str | None"]
+
+
+def capture_git(path: str | os.PathLike[str]) -> GitState:
     """Describe the git working tree containing ``path``.
 
     Returns ``(section, diff_text)`` where ``diff_text`` is ``git diff HEAD`` (capped at
     1 MiB) or None when there are no tracked changes. Never raises: when git cannot be
     read, the section has ``available`` False and a ``reason``.
     """
+    where = Path(path)
+    if where.is_file():
+        where = where.parent
+    try:
+        executable = _executable()
+    except _Unavailable as exc:
+        return _section(False, str(exc)), None
+    try:
+        raw = _run_git(executable, where, *_STATUS)
+    except Exception as exc:  # git refused (not a repository, ...), or could not be run at all
+        log.debug("git status failed in %r: %r", where, exc)
+        return _refused(where, exc), None
+    try:
+        return _from_status(executable, where, _parse_status(raw), _remote_for(where))
+    except Exception as exc:
+        log.debug("git capture failed: %r", exc)
+        return _section(False, _failure_reason(exc)), None
+
+
+class _Unavailable(Exception):
+    """git cannot be run at all (GitPython missing or unable to find the executable)."""
+
+
+def _executable() -> str:
+    """The git executable GitPython uses (``GIT_PYTHON_GIT_EXECUTABLE``, else ``git`` on PATH)."""
     try:
         import git
     except ImportError as exc:
         log.debug("GitPython import failed: %r", exc)
-        return _section(False, _NOT_INSTALLED), None
+        raise _Unavailable(_NOT_INSTALLED) from None
     except Exception as exc:
         # GitPython raises at import time when no git executable can be found.
         log.debug("GitPython could not start: %r", exc)
-        return _section(False, f"GitPython could not start: git executable not usable ({type(exc).__name__})"), None
+        raise _Unavailable(f"GitPython could not start: git executable not usable ({type(exc).__name__})") from None
+    return _resolved(git.Git.GIT_PYTHON_GIT_EXECUTABLE or "git", os.environ.get("PATH", os.defpath))
 
+
+@functools.lru_cache(maxsize=8)
+def _resolved(name: str, search_path: str) -> str:
+    """The executable's full path, looked up once per PATH: spawning a bare name tries every folder
+    on PATH in turn (a failed exec for each), on every call."""
+    import shutil
+
+    return shutil.which(name, path=search_path) or name
+
+
+def _refused(where: Path, error: BaseException) -> dict[str, Any]:
+    """Why git gave no state for ``where``: no such folder, not a repository, bare, or git's refusal."""
+    stderr = getattr(error, "stderr", "") or ""
+    if "dubious ownership" in (stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr):
+        return _section(False, _failure_reason(error))
     try:
-        repo = _open_repo(git, path)
-    except Exception as exc:
-        log.debug("no repository for %r: %r", path, exc)
-        if isinstance(exc, getattr(git, "NoSuchPathError", ())):
-            return _section(False, "path does not exist"), None
-        return _section(False, _NOT_A_REPO), None
+        import git
 
+        repo = _open_repo(git, where)
+    except Exception as exc:
+        log.debug("no repository for %r: %r", where, exc)
+        if not where.exists():
+            return _section(False, "path does not exist")
+        return _section(False, _NOT_A_REPO)
     with repo:
         if repo.bare or repo.working_tree_dir is None:
-            return _section(False, "repository has no working tree (bare)"), None
-        try:
-            return _capture(repo)
-        except Exception as exc:
-            log.debug("git capture failed: %r", exc)
-            return _section(False, _failure_reason(exc)), None
+            return _section(False, "repository has no working tree (bare)")
+    return _section(False, _failure_reason(error))
+
+
+def _run_git(executable: str, where: Path, *args: str) -> bytes:
+    """git's output; raises GitPython's GitCommandError (with git's message) when git fails.
+
+    Only stdout is read while git runs (one blocking read, no Python beside the user's work); the
+    message of a failure comes from running the command again, which costs only on that rare path.
+    """
+    import git
+
+    # No optional locks: refreshing the index's stat info would take the lock that the user's own
+    # git commands, running at the same time, may need.
+    command = [executable, "--no-optional-locks", "-C", str(where), *args]
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, check=False)
+    if done.returncode == 0:
+        return done.stdout
+    again = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    raise git.GitCommandError(command, done.returncode, again.stderr)
+
+
+# The remote URL of each repository, read through GitPython (remotes, includes and all) once and kept
+# until its config file changes: {where: (config file, its (inode, mtime, size), url)}.
+_REMOTES: dict[str, tuple[Path, tuple[int, int, int] | None, str | None]] = {}
+_REMOTES_LOCK = threading.Lock()
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    # git rewrites its config through a lock file and a rename: a new inode for every change, which
+    # a change within the file system's timestamp granularity, of the same size, cannot hide.
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _remote_for(where: Path) -> str | None:
+    """The recorded remote URL of the repository at ``where`` (None without a usable remote)."""
+    known = _REMOTES.get(str(where))
+    if known is not None and known[1] is not None and _stat_key(known[0]) == known[1]:
+        return known[2]
+    import git
+
+    with _REMOTES_LOCK, _open_repo(git, where) as repo:
+        config = Path(repo.common_dir) / "config"
+        key = _stat_key(config)  # before reading: a change while reading is seen next time
+        url = _remote_url(repo)
+        _REMOTES[str(where)] = (config, key, url)
+    return url
 
 
 def repo_root(path: str | os.PathLike[str]) -> Path | None:
@@ -129,25 +225,12 @@ def _section(available: bool, reason: str | None, **facts: Any) -> dict[str, Any
     return section
 
 
-def _capture(repo: Any) -> tuple[dict[str, Any], str | None]:
-    # Don't take the index lock to refresh stat info: the user's own git commands may be
-    # running at the same time.
-    repo.git.set_persistent_git_options(no_optional_locks=True)
-    raw_status = repo.git.status(
-        "--porcelain=v2",
-        "--branch",
-        "-z",
-        "--untracked-files=all",
-        stdout_as_string=False,
-        strip_newline_in_stdout=False,
-    )
-    status = _parse_status(raw_status)
+def _from_status(executable: str, where: Path, status: dict[str, Any], remote_url: str | None) -> GitState:
     untracked = sorted(status["untracked"])
-
     diff_text: str | None = None
     diff_facts: dict[str, Any] = {}
     if status["tracked_changes"]:
-        raw_diff = _diff_against_head(repo, status["commit"])
+        raw_diff = _diff_against_head(executable, where, status["commit"])
         if raw_diff:
             diff_text, diff_facts = _diff_facts(raw_diff)
 
@@ -159,7 +242,7 @@ def _capture(repo: Any) -> tuple[dict[str, Any], str | None]:
         None,
         commit=status["commit"],
         branch=scrub.blank(status["branch"]) if status["branch"] else None,
-        remote_url=_remote_url(repo),
+        remote_url=remote_url,
         dirty=status["tracked_changes"],
         untracked=[scrub.blank(path) for path in untracked[:MAX_UNTRACKED]],
         untracked_truncated=len(untracked) > MAX_UNTRACKED,
@@ -198,26 +281,14 @@ def _parse_status(raw: bytes) -> dict[str, Any]:
     return {"commit": commit, "branch": branch, "tracked_changes": tracked_changes, "untracked": untracked}
 
 
-def _diff_against_head(repo: Any, commit: str | None) -> bytes:
+def _diff_against_head(executable: str, where: Path, commit: str | None) -> bytes:
     # Before the first commit there is no HEAD; the empty tree stands in for it so staged
     # files still show up, as they would in `git diff HEAD` after an initial commit.
-    base = commit or _empty_tree(repo)
-    # Pin options that user config could change, so the diff is a plain applicable patch.
-    return repo.git.diff(
-        base,
-        "--no-color",
-        "--no-ext-diff",
-        "--no-textconv",
-        "--src-prefix=a/",
-        "--dst-prefix=b/",
-        stdout_as_string=False,
-        strip_newline_in_stdout=False,
-    )
-
-
-def _empty_tree(repo: Any) -> str:
     # Computed rather than hard-coded: SHA-256 repositories have a different empty tree.
-    return repo.git.hash_object("-t", "tree", "--stdin", istream=subprocess.DEVNULL).strip()
+    base = commit or _run_git(executable, where, "hash-object", "-t", "tree", "--stdin").decode().strip()
+    # Pin options that user config could change, so the diff is a plain applicable patch.
+    return _run_git(executable, where, "diff", base, "--no-color", "--no-ext-diff", "--no-textconv",
+                    "--src-prefix=a/", "--dst-prefix=b/")
 
 
 def _diff_facts(raw: bytes) -> tuple[str, dict[str, Any]]:
