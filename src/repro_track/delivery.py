@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 import warnings
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -181,36 +182,36 @@ class _Job:
     entry: spool.SpoolEntry
     outcome: RecordOutcome
     announce: bool  # warn from the worker if it fails (background); sync-mode callers warn themselves
-    # Set once the staged recording is final (at once, or when git answers: see _complete).
-    completed: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    abandoned: bool = False  # git took longer than GIT_WAIT_S: uploaded as staged
+    # The recording with its git state, when git had not answered at staging (see Recording.complete).
+    later: Future | None = None
 
-    def wait_complete(self) -> None:
-        """Wait for the recording's git state, at most ``GIT_WAIT_S``; then upload it as staged."""
-        if self.completed.wait(GIT_WAIT_S):
-            return
-        with self.lock:
-            if not self.completed.is_set():
-                self.abandoned = True
-                log.warning("repro-track: git did not answer within %g s; recording %s is uploaded "
-                            "without its git state", GIT_WAIT_S, self.entry.recording_id)
-                _seal(self)
+    def settle_git(self) -> None:
+        """In the worker, before the upload: bring the staged entry up to date once git answers (at
+        most ``GIT_WAIT_S``); if it does not, or the update fails, upload the entry as staged.
 
-
-def _complete(job: _Job, recording: Any) -> None:
-    """Git answered after the call returned: bring the staged entry up to date before its upload."""
-    with job.lock:
-        if job.abandoned:
+        Here rather than in git's thread or the caller's: the call that staged it has returned, and the
+        worker uploads nothing of this entry before the update is done."""
+        if self.later is None:
             return
         try:
-            job.outcome.completed(spool.complete(job.entry, recording.result()))
+            recording = self.later.result(GIT_WAIT_S)
+        except FutureTimeout:
+            log.warning("repro-track: git did not answer within %g s; recording %s is uploaded "
+                        "without its git state", GIT_WAIT_S, self.entry.recording_id)
+            _seal(self)
+            return
         except Exception as exc:  # the staged recording says git had not answered: still true to upload
             log.warning("repro-track: could not add the git state to recording %s (%r)",
-                        job.entry.recording_id, exc)
-            _seal(job)
-        finally:
-            job.completed.set()
+                        self.entry.recording_id, exc)
+            _seal(self)
+            return
+        give_way.wait()  # rewriting the manifest is pure Python: not while a call is recording
+        try:
+            self.outcome.completed(spool.complete(self.entry, recording))
+        except Exception as exc:
+            log.warning("repro-track: could not add the git state to recording %s (%r)",
+                        self.entry.recording_id, exc)
+            _seal(self)
 
 
 def _seal(job: _Job) -> None:
@@ -420,7 +421,7 @@ class _Worker:
             self._uploader.close(busy=self.handed_over)
 
     def _deliver(self, job: _Job) -> None:
-        job.wait_complete()
+        job.settle_git()
         uri = job.outcome.tracking_uri
         try:
             run_id = None
@@ -569,15 +570,13 @@ def deliver(recording: Recording, options: RecordOptions, *, parent: ParentRun |
         "parent_run_id": parent_id,
     }
     later = recording.complete  # git had not answered when the call ended
+    if later is not None and later.done() and later.exception() is None:
+        recording, later = later.result(), None  # it has by now: staged complete, in one pass
     entry = spool.create(recording, meta, validate=False, sign=later is None)
     outcome = RecordOutcome(None, uri, entry.path, entry.meta["manifest_digest"],
                             recording_id=entry.recording_id, pending=True, completing=later is not None)
     waits = _mode() == "sync"
-    job = _Job(entry, outcome, announce=not waits)
-    if later is None:
-        job.completed.set()
-    else:  # in git's thread when it answers (at once if it has by now)
-        later.add_done_callback(lambda done: _complete(job, done))
+    job = _Job(entry, outcome, announce=not waits, later=later)
     worker = _worker()
     if not waits and worker.try_submit(job):
         return outcome

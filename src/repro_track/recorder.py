@@ -202,9 +202,9 @@ class Recorder:
         """The manifest's call section, as far as it names the entry point."""
         return _call_site(self.fn)
 
-    def _code_identity(self, site: dict[str, Any], git: dict[str, Any]) -> dict[str, Any]:
-        """The manifest's code section."""
-        return _code_identity(self.fn, site, git)
+    def _code_identity(self, site: dict[str, Any], git: dict[str, Any], *, tracked_list: bool) -> dict[str, Any]:
+        """The manifest's code section (``tracked_list``: mark the files git tracks)."""
+        return _code_identity(self.fn, site, git, tracked_list)
 
     def _finish(self, entry: dict, result: Any, error: BaseException | None, kind: str,
                 replay_of: str | None, late_git: bool = False) -> Recording:
@@ -241,7 +241,7 @@ class Recorder:
             env_vars=entry["env"], git=env.git,
             outputs=[outputs.describe(item, saved=self.options.log_outputs and outputs.savable(item.value))
                      for item in items],
-            code=self._code_identity(site, env.git),
+            code=self._code_identity(site, env.git, tracked_list=git_later or env.git["available"]),
             pipelines=_used_pipelines(entry),
             trajectory=entry.get("trajectory") or [],
         )
@@ -297,7 +297,8 @@ def _used_pipelines(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return used
 
 
-def _code_identity(fn: Callable[..., Any], site: dict[str, Any], git: dict[str, Any]) -> dict[str, Any]:
+def _code_identity(fn: Callable[..., Any], site: dict[str, Any], git: dict[str, Any],
+                   tracked_list: bool) -> dict[str, Any]:
     """The project's code as recorded: commit, uncommitted-diff digest, module and imported files."""
     module_sha, files = None, []
     try:
@@ -306,21 +307,20 @@ def _code_identity(fn: Callable[..., Any], site: dict[str, Any], git: dict[str, 
             stat = path.stat()
             module_sha = _file_sha256(str(path), stat.st_mtime_ns, stat.st_size)
             _, root = _function_source(str(path), stat.st_mtime_ns, stat.st_size, fn.__qualname__)
-            files = _imported_files(root, git)
+            files = _imported_files(root, tracked_list)
     except (TypeError, OSError):
         module_sha = None
     return {"commit": git.get("commit"), "diff_sha256": git.get("diff_sha256"),
             "module_file": site["source_file"], "module_sha256": module_sha, "files": files}
 
 
-def _imported_files(root: Path, git: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every project module loaded at the end of the call (helpers included), by digest."""
-    from .capture import GIT_PENDING, sources
+def _imported_files(root: Path, tracked_list: bool) -> list[dict[str, Any]]:
+    """Every project module loaded at the end of the call (helpers included), by digest; with which
+    of them git tracks when ``tracked_list`` (git answered, or has yet to: its index is read anyway)."""
+    from .capture import sources
 
     try:
-        # While git has not answered, the tracked list (git's index, cached) is read all the same.
-        tracked = sources.tracked_files(root) if git.get("available") or git.get("reason") == GIT_PENDING \
-            else None
+        tracked = sources.tracked_files(root) if tracked_list else None
         return sources.imported_files(root, tracked)
     except Exception as exc:  # the list only sharpens the replay's code check; the recording goes on
         log.debug("imported project files not listed: %r", exc)
