@@ -70,6 +70,29 @@ class TestRecording:
         assert [s["step"] for s in m.trajectory] == [0, 1, 2, 3]
         assert [o["name"] for o in m.outputs] == ["images"]
 
+    def test_git_answering_late_leaves_the_code_section_alone(self, tracking_uri, model_dir, tmp_path,
+                                                               monkeypatch):
+        """The code that ran is diffusers': git's answer after the call fills the git section only."""
+        import threading
+
+        from repro_track.capture import git
+
+        capture_git, release = git.capture_git, threading.Event()
+
+        def held(path):
+            release.wait(60)
+            return capture_git(path)
+
+        monkeypatch.setattr(git, "capture_git", held)
+        monkeypatch.chdir(Path(__file__).parent)  # the cell has no file: git is read where it runs
+        outcome = run_cell(model_dir / "tiny-ddim")["outcome"]
+        release.set()
+        run_id = outcome.wait(120)
+        assert run_id, outcome.error
+        m = runs.load_run(store.client_for(tracking_uri), run_id, tmp_path / "dl").manifest
+        assert m.git["available"] and m.git["commit"]  # this test file's repository, answered late
+        assert m.code["commit"] is None and m.code["diff_sha256"] is None
+
     def test_disabled_records_nothing(self, tracking_uri, ddim, tmp_path):
         repro_track.autolog()
         repro_track.autolog(disable=True)  # the wrappers stay installed and call straight through

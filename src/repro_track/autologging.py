@@ -174,8 +174,11 @@ class PipelineRecorder(Recorder):
                 "source_file": None, "source_sha256": None, "replayable": True, "reason": None,
                 "entry": ENTRY}
 
-    def _code_identity(self, site: dict[str, Any], git: dict[str, Any]) -> dict[str, Any]:
+    def _code_identity(self, site: dict[str, Any], git: dict[str, Any], *, tracked_list: bool) -> dict[str, Any]:
         # The code that ran is diffusers' (its version is in the software section), not the project's.
         return {"commit": None, "diff_sha256": None, "module_file": None, "module_sha256": None,
                 "files": []}
+
+    def _code_after_git(self, code: dict[str, Any], git: dict[str, Any]) -> dict[str, Any]:
+        return code  # nor when git answers after the call
 

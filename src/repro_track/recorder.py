@@ -206,6 +206,10 @@ class Recorder:
         """The manifest's code section (``tracked_list``: mark the files git tracks)."""
         return _code_identity(self.fn, site, git, tracked_list)
 
+    def _code_after_git(self, code: dict[str, Any], git: dict[str, Any]) -> dict[str, Any]:
+        """The code section once git answers after the call: its commit and diff are git's."""
+        return {**code, "commit": git.get("commit"), "diff_sha256": git.get("diff_sha256")}
+
     def _finish(self, entry: dict, result: Any, error: BaseException | None, kind: str,
                 replay_of: str | None, late_git: bool = False) -> Recording:
         from .capture import GIT_PENDING, environment, no_git, torch_state
@@ -247,7 +251,7 @@ class Recorder:
         )
         recording = Recording(manifest, items if self.options.log_outputs else [], captured.inputs,
                               env.requirements, env.git_diff)
-        return _with_git_later(recording, entry["git"]) if git_later else recording
+        return _with_git_later(recording, entry["git"], self._code_after_git) if git_later else recording
 
     # ------------------------------------------------------------ logging
 
@@ -263,9 +267,10 @@ class Recorder:
                                  recording.manifest.digest, repr(exc))
 
 
-def _with_git_later(recording: Recording, git: Any) -> Recording:
+def _with_git_later(recording: Recording, git: Any,
+                    code_after_git: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]) -> Recording:
     """The recording as it is now (git pending), with a future of it complete once git answers: the
-    git section, the code section's commit and diff digest, and the diff itself."""
+    git section, the code section as ``code_after_git`` makes it, and the diff itself."""
     from concurrent.futures import Future
 
     complete: Future = Future()
@@ -274,8 +279,7 @@ def _with_git_later(recording: Recording, git: Any) -> Recording:
         try:
             section, diff = done.result()
             m = recording.manifest
-            code = {**m.code, "commit": section.get("commit"), "diff_sha256": section.get("diff_sha256")}
-            manifest = dataclasses.replace(m, git=section, code=code)
+            manifest = dataclasses.replace(m, git=section, code=code_after_git(m.code, section))
             complete.set_result(dataclasses.replace(recording, manifest=manifest, git_diff=diff))
         except BaseException as exc:  # capture_git never raises; anything else is reported by delivery
             complete.set_exception(exc)
