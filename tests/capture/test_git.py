@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -195,6 +196,68 @@ class TestRemotes:
         section, _ = git_capture.capture_git(repo)
         assert section["remote_url"] is None
         assert str(tmp_path) not in json.dumps(section)
+
+
+class TestWhereGitRuns:
+    """git runs in the work tree's root, for the repository GitPython finds, whatever the caller's state."""
+
+    def test_git_dir_of_the_caller_does_not_change_the_answer(self, repo: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+        """As in a hook run in a linked worktree, or a shell that exported GIT_DIR."""
+        clean, _ = git_capture.capture_git(repo / "sub" / "config.json")
+        monkeypatch.setenv("GIT_DIR", str(repo / ".git"))
+        section, diff = git_capture.capture_git(repo / "sub" / "config.json")
+        assert section == clean and section["dirty"] is False and diff is None
+        monkeypatch.setenv("GIT_DIR", ".git")  # relative: to wherever git would run
+        assert git_capture.capture_git(repo / "sub")[0] == clean
+
+    def test_diff_relative_config_does_not_narrow_the_diff(self, repo: Path) -> None:
+        run_git(repo, "config", "diff.relative", "true")
+        (repo / "model.py").write_text("SEED = 2\n")
+        (repo / "sub" / "config.json").write_text('{"steps": 5}\n')
+        _, diff = git_capture.capture_git(repo / "sub")
+        assert diff is not None and "a/model.py" in diff and "a/sub/config.json" in diff
+
+    def test_a_repository_made_inside_is_found(self, repo: Path) -> None:
+        """What is kept per folder is dropped when git would now find another repository from there."""
+        run_git(repo, "remote", "add", "origin", "https://example.com/outer.git")
+        assert git_capture.capture_git(repo / "sub")[0]["remote_url"] == "https://example.com/outer.git"
+        run_git(repo / "sub", "init", "-q")
+        run_git(repo / "sub", "remote", "add", "origin", "https://example.com/inner.git")
+        section, _ = git_capture.capture_git(repo / "sub")
+        assert section["remote_url"] == "https://example.com/inner.git" and section["commit"] is None
+
+    def test_relative_paths_follow_the_working_directory(self, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        first, second = make_repo(tmp_path / "first"), make_repo(tmp_path / "second")
+        run_git(first, "remote", "add", "origin", "https://example.com/first.git")
+        run_git(second, "remote", "add", "origin", "https://example.com/second.git")
+        monkeypatch.chdir(first)
+        assert git_capture.capture_git(".")[0]["remote_url"] == "https://example.com/first.git"
+        monkeypatch.chdir(second)
+        assert git_capture.capture_git(".")[0]["remote_url"] == "https://example.com/second.git"
+
+    def test_never_raises_on_a_path_that_cannot_be_looked_at(self, tmp_path: Path) -> None:
+        section, diff = git_capture.capture_git(tmp_path / ("a" * 300))
+        assert section["available"] is False and section["reason"] and diff is None
+
+    def test_a_git_in_the_working_directory_is_never_run(self, repo: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        """Only absolute folders on PATH are searched (Windows would look in the current one first)."""
+        planted = tmp_path / "planted"
+        planted.mkdir()
+        fake = planted / "git"
+        fake.write_text("#!/bin/sh\ntouch ran\nexit 1\n")
+        fake.chmod(0o755)
+        monkeypatch.chdir(planted)
+        real = shutil.which("git")
+        assert real is not None
+        monkeypatch.setenv("PATH", os.pathsep.join([".", "", str(Path(real).parent)]))
+        section, _ = git_capture.capture_git(repo)
+        assert section["available"] and not (planted / "ran").exists()
+        monkeypatch.setenv("PATH", ".")
+        section, _ = git_capture.capture_git(repo)
+        assert section["reason"] == "git executable not found on PATH" and not (planted / "ran").exists()
 
 
 class TestNotARepository:

@@ -1,11 +1,12 @@
 """Source-code provenance from git: commit, branch, remote, dirty state and the diff.
 
-All state comes from one ``git status --porcelain=v2`` process, plus ``git diff HEAD`` only
-when tracked files changed, so a clean tree costs a single subprocess and little Python beside the
-generation it runs with (the recorder starts it at call entry, in a thread). The remote URL is read
-once per repository through GitPython and kept until the repository's config file changes. Nothing recorded names a place on this machine: the
-working-tree root is never stored, remotes that are local paths are dropped, and credentials are
-stripped from remote URLs.
+All state comes from one ``git status --porcelain=v2`` process, run in the work tree's root, plus
+``git diff HEAD`` only when tracked files changed, so a clean tree costs a single subprocess and little
+Python beside the generation it runs with (the recorder starts it at call entry, in a thread). The
+repository is found through GitPython, and its remote URL read, once per folder; both are kept while
+git would find the same repository from there with the same config. Nothing recorded names a place on
+this machine: the working-tree root is never stored, remotes that are local paths are dropped, and
+credentials are stripped from remote URLs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import logging
 import os
 import re
 import subprocess
-import threading
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -46,27 +48,24 @@ def capture_git(path: str | os.PathLike[str]) -> GitState:
     1 MiB) or None when there are no tracked changes. Never raises: when git cannot be
     read, the section has ``available`` False and a ``reason``.
     """
-    where = Path(path)
-    if where.is_file():
-        where = where.parent
     try:
         executable = _executable()
+        repo = _repository(path)
     except _Unavailable as exc:
         return _section(False, str(exc)), None
+    except Exception as exc:  # an unreadable path (too long, no permission): git cannot look there either
+        log.debug("no repository for %r: %r", path, exc)
+        return _section(False, _NOT_A_REPO), None
     try:
-        raw = _run_git(executable, where, *_STATUS)
-    except Exception as exc:  # git refused (not a repository, ...), or could not be run at all
-        log.debug("git status failed in %r: %r", where, exc)
-        return _refused(where, exc), None
-    try:
-        return _from_status(executable, where, _parse_status(raw), _remote_for(where))
-    except Exception as exc:
+        raw = _run_git(executable, repo, *_STATUS)
+        return _from_status(executable, repo, _parse_status(raw))
+    except Exception as exc:  # git refused (dubious ownership, a broken index, ...) or could not run
         log.debug("git capture failed: %r", exc)
         return _section(False, _failure_reason(exc)), None
 
 
 class _Unavailable(Exception):
-    """git cannot be run at all (GitPython missing or unable to find the executable)."""
+    """No git state to be had here, and why (GitPython or git missing, not a repository, bare)."""
 
 
 def _executable() -> str:
@@ -80,86 +79,129 @@ def _executable() -> str:
         # GitPython raises at import time when no git executable can be found.
         log.debug("GitPython could not start: %r", exc)
         raise _Unavailable(f"GitPython could not start: git executable not usable ({type(exc).__name__})") from None
-    return _resolved(git.Git.GIT_PYTHON_GIT_EXECUTABLE or "git", os.environ.get("PATH", os.defpath))
+    found = _resolved(git.Git.GIT_PYTHON_GIT_EXECUTABLE or "git", os.environ.get("PATH", os.defpath))
+    if found is None:
+        raise _Unavailable("git executable not found on PATH")
+    return found
 
 
 @functools.lru_cache(maxsize=8)
-def _resolved(name: str, search_path: str) -> str:
-    """The executable's full path, looked up once per PATH: spawning a bare name tries every folder
-    on PATH in turn (a failed exec for each), on every call."""
-    import shutil
+def _resolved(name: str, search_path: str) -> str | None:
+    """The executable's full path, looked up once per PATH (spawning a bare name tries every folder on
+    PATH in turn, a failed exec for each, on every call). Only absolute folders are searched: never
+    the current folder, where Windows would look first and an untrusted checkout could hold a git."""
+    if os.path.dirname(name):
+        return name  # a path of its own (GIT_PYTHON_GIT_EXECUTABLE): used as given
+    suffixes = [""]
+    if sys.platform == "win32" and not os.path.splitext(name)[1]:
+        suffixes = os.environ.get("PATHEXT", ".COM;.EXE;.BAT;.CMD").lower().split(";")
+    for folder in search_path.split(os.pathsep):
+        if not os.path.isabs(folder):
+            continue
+        for suffix in suffixes:
+            candidate = os.path.join(folder, name + suffix)
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+    return None
 
-    return shutil.which(name, path=search_path) or name
+
+@dataclass(frozen=True)
+class _Repository:
+    """A work tree as GitPython found it from some folder, with what is read once per repository."""
+
+    root: str  # the work tree, where git runs (as GitPython ran it)
+    git_dir: str
+    common_dir: str
+    remote_url: str | None
+    config_key: tuple[int, int, int] | None  # the config file when the remote was read
+    between: tuple[str, ...] | None  # the folders from the one asked about up to root, root excluded
+
+    def current(self) -> bool:
+        """Whether git would still find this repository, with this config, from the same folder."""
+        # git rewrites its config through a lock file and a rename, so a change shows as a new inode.
+        if self.between is None or _stat_key(os.path.join(self.common_dir, "config")) != self.config_key:
+            return False
+        # git looks for .git upwards: one made since below the root (git init in a sub-folder) wins.
+        return os.path.lexists(os.path.join(self.root, ".git")) and not any(
+            os.path.lexists(os.path.join(folder, ".git")) for folder in self.between)
 
 
-def _refused(where: Path, error: BaseException) -> dict[str, Any]:
-    """Why git gave no state for ``where``: no such folder, not a repository, bare, or git's refusal."""
-    stderr = getattr(error, "stderr", "") or ""
-    if "dubious ownership" in (stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr):
-        return _section(False, _failure_reason(error))
+_REPOSITORIES: dict[str, _Repository] = {}
+
+
+def _repository(path: str | os.PathLike[str]) -> _Repository:
+    """The repository containing ``path``, found through GitPython once and kept while current."""
+    where = os.path.abspath(path)  # a relative path is relative to this working directory, not a key
+    if os.path.isfile(where):
+        where = os.path.dirname(where)
+    known = _REPOSITORIES.get(where)
+    if known is not None and known.current():
+        return known
+    import git
+
     try:
-        import git
-
         repo = _open_repo(git, where)
     except Exception as exc:
         log.debug("no repository for %r: %r", where, exc)
-        if not where.exists():
-            return _section(False, "path does not exist")
-        return _section(False, _NOT_A_REPO)
+        raise _Unavailable("path does not exist" if not os.path.exists(where) else _NOT_A_REPO) from None
     with repo:
         if repo.bare or repo.working_tree_dir is None:
-            return _section(False, "repository has no working tree (bare)")
-    return _section(False, _failure_reason(error))
+            raise _Unavailable("repository has no working tree (bare)")
+        root, common = os.fspath(repo.working_tree_dir), os.fspath(repo.common_dir)
+        key = _stat_key(os.path.join(common, "config"))  # before reading: a change meanwhile shows next time
+        found = _Repository(root, os.fspath(repo.git_dir), common, _remote_url(repo), key,
+                            _folders_between(os.path.realpath(where), root))
+    _REPOSITORIES[where] = found
+    return found
 
 
-def _run_git(executable: str, where: Path, *args: str) -> bytes:
-    """git's output; raises GitPython's GitCommandError (with git's message) when git fails.
-
-    Only stdout is read while git runs (one blocking read, no Python beside the user's work); the
-    message of a failure comes from running the command again, which costs only on that rare path.
-    """
-    import git
-
-    # No optional locks: refreshing the index's stat info would take the lock that the user's own
-    # git commands, running at the same time, may need.
-    command = [executable, "--no-optional-locks", "-C", str(where), *args]
-    done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, check=False)
-    if done.returncode == 0:
-        return done.stdout
-    again = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-    raise git.GitCommandError(command, done.returncode, again.stderr)
+def _folders_between(folder: str, root: str) -> tuple[str, ...] | None:
+    """The folders from ``folder`` up to ``root`` (excluded); None when root is not above it."""
+    found = []
+    while folder != root:
+        found.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    return tuple(found)
 
 
-# The remote URL of each repository, read through GitPython (remotes, includes and all) once and kept
-# until its config file changes: {where: (config file, its (inode, mtime, size), url)}.
-_REMOTES: dict[str, tuple[Path, tuple[int, int, int] | None, str | None]] = {}
-_REMOTES_LOCK = threading.Lock()
-
-
-def _stat_key(path: Path) -> tuple[int, int, int] | None:
-    # git rewrites its config through a lock file and a rename: a new inode for every change, which
-    # a change within the file system's timestamp granularity, of the same size, cannot hide.
+def _stat_key(path: str) -> tuple[int, int, int] | None:
     try:
-        stat = path.stat()
+        stat = os.stat(path)
     except OSError:
         return None
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
-def _remote_for(where: Path) -> str | None:
-    """The recorded remote URL of the repository at ``where`` (None without a usable remote)."""
-    known = _REMOTES.get(str(where))
-    if known is not None and known[1] is not None and _stat_key(known[0]) == known[1]:
-        return known[2]
+def _run_git(executable: str, repo: _Repository, *args: str) -> bytes:
+    """git's output, run in the work tree's root; GitPython's GitCommandError when git fails.
+
+    Only stdout is read while git runs (one blocking read, no Python beside the user's work); the
+    message of a failure comes from running the command again in the C locale (its wording is
+    matched), which costs only on that rare path.
+    """
     import git
 
-    with _REMOTES_LOCK, _open_repo(git, where) as repo:
-        config = Path(repo.common_dir) / "config"
-        key = _stat_key(config)  # before reading: a change while reading is seen next time
-        url = _remote_url(repo)
-        _REMOTES[str(where)] = (config, key, url)
-    return url
+    # No optional locks: refreshing the index's stat info would take the lock that the user's own
+    # git commands, running at the same time, may need.
+    command = [executable, "--no-optional-locks", *args]
+    env = None
+    if "GIT_DIR" in os.environ or "GIT_COMMON_DIR" in os.environ:
+        # As GitPython does: a GIT_DIR of the caller's (a hook's) would name another repository, or
+        # make git take the folder it runs in for the top of the tree.
+        env = {**os.environ, "GIT_DIR": repo.git_dir}
+        if "GIT_COMMON_DIR" in os.environ:
+            env["GIT_COMMON_DIR"] = repo.common_dir
+    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # Windows: no console window flashing up
+    done = subprocess.run(command, cwd=repo.root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, check=False, creationflags=flags)
+    if done.returncode == 0:
+        return done.stdout
+    again = subprocess.run(command, cwd=repo.root, env={**(env or os.environ), "LC_ALL": "C", "LANGUAGE": "C"},
+                           stdin=subprocess.DEVNULL, capture_output=True, check=False, creationflags=flags)
+    raise git.GitCommandError(command, done.returncode, again.stderr)
 
 
 def repo_root(path: str | os.PathLike[str]) -> Path | None:
@@ -225,12 +267,12 @@ def _section(available: bool, reason: str | None, **facts: Any) -> dict[str, Any
     return section
 
 
-def _from_status(executable: str, where: Path, status: dict[str, Any], remote_url: str | None) -> GitState:
+def _from_status(executable: str, repo: _Repository, status: dict[str, Any]) -> GitState:
     untracked = sorted(status["untracked"])
     diff_text: str | None = None
     diff_facts: dict[str, Any] = {}
     if status["tracked_changes"]:
-        raw_diff = _diff_against_head(executable, where, status["commit"])
+        raw_diff = _diff_against_head(executable, repo, status["commit"])
         if raw_diff:
             diff_text, diff_facts = _diff_facts(raw_diff)
 
@@ -242,7 +284,7 @@ def _from_status(executable: str, where: Path, status: dict[str, Any], remote_ur
         None,
         commit=status["commit"],
         branch=scrub.blank(status["branch"]) if status["branch"] else None,
-        remote_url=remote_url,
+        remote_url=repo.remote_url,
         dirty=status["tracked_changes"],
         untracked=[scrub.blank(path) for path in untracked[:MAX_UNTRACKED]],
         untracked_truncated=len(untracked) > MAX_UNTRACKED,
@@ -281,13 +323,13 @@ def _parse_status(raw: bytes) -> dict[str, Any]:
     return {"commit": commit, "branch": branch, "tracked_changes": tracked_changes, "untracked": untracked}
 
 
-def _diff_against_head(executable: str, where: Path, commit: str | None) -> bytes:
+def _diff_against_head(executable: str, repo: _Repository, commit: str | None) -> bytes:
     # Before the first commit there is no HEAD; the empty tree stands in for it so staged
     # files still show up, as they would in `git diff HEAD` after an initial commit.
     # Computed rather than hard-coded: SHA-256 repositories have a different empty tree.
-    base = commit or _run_git(executable, where, "hash-object", "-t", "tree", "--stdin").decode().strip()
+    base = commit or _run_git(executable, repo, "hash-object", "-t", "tree", "--stdin").decode().strip()
     # Pin options that user config could change, so the diff is a plain applicable patch.
-    return _run_git(executable, where, "diff", base, "--no-color", "--no-ext-diff", "--no-textconv",
+    return _run_git(executable, repo, "diff", base, "--no-color", "--no-ext-diff", "--no-textconv",
                     "--src-prefix=a/", "--dst-prefix=b/")
 
 
