@@ -479,6 +479,57 @@ class TestGitAfterTheCall:
         assert [u["recording_id"] for u in delivery_sync().uploaded] == [outcome.recording_id]
         _check_exactly_once(migrated_store, [outcome.recording_id], "cwd-gone")
 
+    def test_entries_left_at_exit_have_git_and_are_signed(self, tmp_path: Path, migrated_store: str,
+                                                          uploader: str) -> None:
+        """git's answer reaches a staged entry when git answers, not when its upload's turn comes: the
+        entries a slow store leaves in the spool at exit are complete and signed for sync."""
+        from repro_track import signing
+        from repro_track.capture import GIT_PENDING
+
+        private, _ = signing.keygen(tmp_path / "key")
+        script = tmp_path / "rec.py"
+        script.write_text(textwrap.dedent('''
+            import json, time
+            import numpy as np
+            import repro_track
+            from repro_track.capture import git
+
+            capture_git = git.capture_git
+
+
+            def late(path):  # every call returns before git answers
+                time.sleep(0.3)
+                return capture_git(path)
+
+
+            git.capture_git = late
+
+
+            @repro_track.record(experiment="late-exit")
+            def make(index):
+                return np.full(2, index)
+
+
+            ids = []
+            for index in range(3):
+                make(index)
+                ids.append(repro_track.last_recording(make).recording_id)
+            print(json.dumps(ids), flush=True)
+        '''))
+        env = _recorder_env(migrated_store, tmp_path, uploader, "3", REPRO_TRACK_EXIT_TIMEOUT="1",
+                            REPRO_TRACK_SIGNING_KEY=str(private))
+        env.pop("WAIT_UPLOADER", None)
+        done = run_script(script, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        ids = json.loads(done.stdout.strip().splitlines()[-1])
+        left = {e.recording_id: e for e in spool.pending(tmp_path / "spool")}
+        assert left and set(left) <= set(ids)  # uploads of 3 s each: not all done within the exit's 1 s
+        for entry in left.values():
+            m = json.loads((entry.artifacts / tags.MANIFEST_PATH).read_text("utf-8"))
+            assert m["git"]["reason"] != GIT_PENDING
+            assert entry.meta["manifest_digest"] == m["manifest_digest"]
+            assert (entry.artifacts / tags.SIGNATURE_PATH).is_file()
+
     def test_killed_before_git_answers(self, tmp_path: Path, migrated_store: str) -> None:
         script = tmp_path / "rec.py"
         script.write_text(textwrap.dedent('''
@@ -595,6 +646,43 @@ class TestForkDuringUpload:
         assert done.returncode == 0, done.stderr[-2000:]
         assert "child hung" not in done.stdout and "flushed True" in done.stdout
         _check_exactly_once(migrated_store, done.stdout.split()[:2], "fork")
+
+
+class TestForkedChildRecords:
+    """A forked child records with threads of its own: the parent's git thread is not in the child."""
+
+    def test_the_childs_recording_has_git_and_is_uploaded(self, tmp_path: Path, migrated_store: str) -> None:
+        from repro_track.capture import GIT_PENDING
+
+        script = tmp_path / "fork.py"
+        script.write_text(textwrap.dedent('''
+            import json, os
+            import numpy as np
+            import repro_track
+
+
+            @repro_track.record(experiment="forked")
+            def make(index):
+                return np.full(2, index)
+
+
+            make(0)  # the parent's git thread and worker exist from here on
+            assert repro_track.flush(60)
+            pid = os.fork()
+            if pid == 0:
+                make(1)
+                flushed = repro_track.flush(30)
+                outcome = repro_track.last_recording(make)
+                print(json.dumps({"flushed": flushed, "run_id": outcome.run_id}), flush=True)
+                os._exit(0)
+            os.waitpid(pid, 0)
+        '''))
+        done = run_script(script, env=_env(migrated_store, tmp_path), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        assert child["flushed"] and child["run_id"], done.stderr[-2000:]
+        local = store.client_for(migrated_store).download_artifacts(child["run_id"], tags.MANIFEST_PATH)
+        assert json.loads(Path(local).read_text("utf-8"))["git"]["reason"] != GIT_PENDING
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 import warnings
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 from . import conventions, settings, spool
 from .context import ParentRun
 from .manifest import Manifest, validate
-from .process import module_command
+from .process import SerialThread, module_command
 from .records import GIT_WAIT_S, Recording, RecordingWarning, RecordOptions, RecordOutcome
 from .store import client_for, probe, resolve_tracking_uri, upload
 from .tags import MANIFEST_PATH
@@ -182,36 +182,43 @@ class _Job:
     entry: spool.SpoolEntry
     outcome: RecordOutcome
     announce: bool  # warn from the worker if it fails (background); sync-mode callers warn themselves
-    # The recording with its git state, when git had not answered at staging (see Recording.complete).
-    later: Future | None = None
+    # Set once the staged recording is final (at once, or when git answers: see _complete).
+    completed: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    abandoned: bool = False  # git took longer than GIT_WAIT_S: uploaded as staged
 
-    def settle_git(self) -> None:
-        """In the worker, before the upload: bring the staged entry up to date once git answers (at
-        most ``GIT_WAIT_S``); if it does not, or the update fails, upload the entry as staged.
+    def wait_complete(self) -> None:
+        """Wait for the recording's git state, at most ``GIT_WAIT_S``; then upload it as staged."""
+        if self.completed.wait(GIT_WAIT_S):
+            return
+        with self.lock:
+            if not self.completed.is_set():
+                self.abandoned = True
+                log.warning("repro-track: git did not answer within %g s; recording %s is uploaded "
+                            "without its git state", GIT_WAIT_S, self.entry.recording_id)
+                _seal(self)
 
-        Here rather than in git's thread or the caller's: the call that staged it has returned, and the
-        worker uploads nothing of this entry before the update is done."""
-        if self.later is None:
+
+# Staged entries are brought up to date here as soon as git answers: not in the caller's thread (a
+# future's callback runs there when git answered first), and not behind earlier uploads in the worker
+# (an entry left in the spool at exit, or after a kill, then still has git's answer and its signature).
+_COMPLETER = SerialThread("repro-track-complete")
+
+
+def _complete(job: _Job, recording: Future) -> None:
+    """Git answered after the call returned: bring the staged entry up to date before its upload."""
+    give_way.wait()  # rewriting the manifest is pure Python: not while a call is recording
+    with job.lock:
+        if job.abandoned:
             return
         try:
-            recording = self.later.result(GIT_WAIT_S)
-        except FutureTimeout:
-            log.warning("repro-track: git did not answer within %g s; recording %s is uploaded "
-                        "without its git state", GIT_WAIT_S, self.entry.recording_id)
-            _seal(self)
-            return
+            job.outcome.completed(spool.complete(job.entry, recording.result()))
         except Exception as exc:  # the staged recording says git had not answered: still true to upload
             log.warning("repro-track: could not add the git state to recording %s (%r)",
-                        self.entry.recording_id, exc)
-            _seal(self)
-            return
-        give_way.wait()  # rewriting the manifest is pure Python: not while a call is recording
-        try:
-            self.outcome.completed(spool.complete(self.entry, recording))
-        except Exception as exc:
-            log.warning("repro-track: could not add the git state to recording %s (%r)",
-                        self.entry.recording_id, exc)
-            _seal(self)
+                        job.entry.recording_id, exc)
+            _seal(job)
+        finally:
+            job.completed.set()
 
 
 def _seal(job: _Job) -> None:
@@ -421,7 +428,7 @@ class _Worker:
             self._uploader.close(busy=self.handed_over)
 
     def _deliver(self, job: _Job) -> None:
-        job.settle_git()
+        job.wait_complete()
         uri = job.outcome.tracking_uri
         try:
             run_id = None
@@ -576,7 +583,12 @@ def deliver(recording: Recording, options: RecordOptions, *, parent: ParentRun |
     outcome = RecordOutcome(None, uri, entry.path, entry.meta["manifest_digest"],
                             recording_id=entry.recording_id, pending=True, completing=later is not None)
     waits = _mode() == "sync"
-    job = _Job(entry, outcome, announce=not waits, later=later)
+    job = _Job(entry, outcome, announce=not waits)
+    if later is None:
+        job.completed.set()
+    else:
+        _COMPLETER.start()  # now: git may answer while the interpreter exits, too late to start a thread
+        later.add_done_callback(lambda done: _COMPLETER.submit(_complete, job, done))
     worker = _worker()
     if not waits and worker.try_submit(job):
         return outcome

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, ParamSpec, TypeVar, overload
 
 from . import outputs, settings
+from .process import ProcessPool
 from .manifest import Manifest
 from .records import Recording, RecordingWarning, RecordOptions, RecordOutcome
 
@@ -85,7 +86,7 @@ class Recorder:
         self.options = options
         self.signature = inspect.signature(fn)
         self._local = threading.local()
-        self._git_pool: Any = None
+        self._git_pool = ProcessPool(4, "repro-track-git")
         self.keep_steps = False  # keep each denoising step's latents as outputs too
 
     @property
@@ -182,12 +183,8 @@ class Recorder:
 
     def _git_in_background(self) -> Any:
         """Start git capture now; its subprocess runs while the user's function does."""
-        from concurrent.futures import ThreadPoolExecutor
-
         from .capture.git import capture_git
 
-        if self._git_pool is None:
-            self._git_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="repro-track-git")
         where = self._source_location()
         return self._git_pool.submit(capture_git, where if where.exists() else Path.cwd())
 
