@@ -48,14 +48,16 @@ class ProcessPool:
 
     def __init__(self, workers: int, name: str):
         self._workers, self._name = workers, name
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)  # the child runs alone at that moment
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()  # the parent's may have been held by a thread the child lacks
         self._pool: ThreadPoolExecutor | None = None
-        self._pid: int | None = None
-        self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run ``fn(*args)`` in one of the pool's threads; its future."""
-        if self._pid != os.getpid():  # first use, or the first in a forked child (whose lock may be held)
-            self._lock, self._pool, self._pid = threading.Lock(), None, os.getpid()
         with self._lock:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
@@ -69,29 +71,39 @@ class SerialThread:
 
     Made on first use (:meth:`start`), and again in a forked child. Unlike a ``ThreadPoolExecutor``,
     it still takes work while the interpreter exits: the pool refuses new work once the main thread
-    has ended, which is when the exit handlers wait for uploads that need it.
+    has ended, which is when the exit handlers wait for uploads that need it. Should the thread not
+    start (a thread limit, or an interpreter already shutting down), calls run in the caller's thread.
     """
 
     def __init__(self, name: str):
         self._name = name
-        self._pid: int | None = None
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self._queue: Any = None
 
-    def start(self) -> None:
-        """Start the thread now, if not started in this process (before the exit, where that may fail)."""
+    def start(self) -> bool:
+        """Start the thread now, if not started yet (before the exit, where that may fail); whether it runs."""
         import queue
 
-        if self._pid != os.getpid():  # first use, or the first in a forked child (whose lock may be held)
-            self._lock, self._queue, self._pid = threading.Lock(), None, os.getpid()
         with self._lock:
             if self._queue is None:
-                self._queue = queue.SimpleQueue()
-                threading.Thread(target=self._run, args=(self._queue,), name=self._name, daemon=True).start()
+                work: Any = queue.SimpleQueue()
+                try:
+                    threading.Thread(target=self._run, args=(work,), name=self._name, daemon=True).start()
+                except RuntimeError:
+                    return False
+                self._queue = work
+            return True
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` in the thread, after what was given before."""
-        self.start()
+        """Run ``fn(*args)`` in the thread, after what was given before (here, if it cannot start)."""
+        if not self.start():
+            fn(*args)
+            return
         self._queue.put((fn, args))
 
     @staticmethod

@@ -210,6 +210,11 @@ class TestWhereGitRuns:
         assert section == clean and section["dirty"] is False and diff is None
         monkeypatch.setenv("GIT_DIR", ".git")  # relative: to wherever git would run
         assert git_capture.capture_git(repo / "sub")[0] == clean
+        # What a pre-commit hook of another repository, or a shell, may have set for git.
+        monkeypatch.setenv("GIT_INDEX_FILE", str(repo / ".git" / "no-such-index"))
+        monkeypatch.setenv("GIT_WORK_TREE", str(repo / "sub"))
+        monkeypatch.setenv("GIT_CONFIG_PARAMETERS", "'status.showUntrackedFiles'='no'")
+        assert git_capture.capture_git(repo / "sub")[0] == clean
 
     def test_diff_relative_config_does_not_narrow_the_diff(self, repo: Path) -> None:
         run_git(repo, "config", "diff.relative", "true")
@@ -236,6 +241,28 @@ class TestWhereGitRuns:
         assert git_capture.capture_git(".")[0]["remote_url"] == "https://example.com/first.git"
         monkeypatch.chdir(second)
         assert git_capture.capture_git(".")[0]["remote_url"] == "https://example.com/second.git"
+
+    def test_a_symlinked_folder_is_looked_up_once(self, repo: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        link = tmp_path / "link"
+        link.symlink_to(repo)  # a checkout reached through a link (a home folder on another disk, say)
+        opened = []
+        open_repo = git_capture._open_repo
+        monkeypatch.setattr(git_capture, "_open_repo", lambda *a: opened.append(a) or open_repo(*a))
+        first = git_capture.capture_git(link / "sub")
+        assert first[0]["available"] and git_capture.capture_git(link / "sub") == first
+        assert len(opened) == 1
+
+    def test_a_git_installed_later_is_found(self, repo: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        real = shutil.which("git")
+        assert real is not None
+        tools = tmp_path / "tools"
+        tools.mkdir()
+        monkeypatch.setenv("PATH", str(tools))
+        assert git_capture.capture_git(repo)[0]["reason"] == "git executable not found on PATH"
+        (tools / "git").symlink_to(real)
+        assert git_capture.capture_git(repo)[0]["available"]
 
     def test_never_raises_on_a_path_that_cannot_be_looked_at(self, tmp_path: Path) -> None:
         section, diff = git_capture.capture_git(tmp_path / ("a" * 300))

@@ -12,7 +12,6 @@ credentials are stripped from remote URLs.
 from __future__ import annotations
 
 import codecs
-import functools
 import hashlib
 import logging
 import os
@@ -85,13 +84,16 @@ def _executable() -> str:
     return found
 
 
-@functools.lru_cache(maxsize=8)
 def _resolved(name: str, search_path: str) -> str | None:
     """The executable's full path, looked up once per PATH (spawning a bare name tries every folder on
     PATH in turn, a failed exec for each, on every call). Only absolute folders are searched: never
-    the current folder, where Windows would look first and an untrusted checkout could hold a git."""
+    the current folder, where Windows would look first and an untrusted checkout could hold a git.
+    A git not found is looked for again next time (it may be installed meanwhile)."""
     if os.path.dirname(name):
         return name  # a path of its own (GIT_PYTHON_GIT_EXECUTABLE): used as given
+    found = _FOUND.get((name, search_path))
+    if found is not None:
+        return found
     suffixes = [""]
     if sys.platform == "win32" and not os.path.splitext(name)[1]:
         suffixes = os.environ.get("PATHEXT", ".COM;.EXE;.BAT;.CMD").lower().split(";")
@@ -101,8 +103,25 @@ def _resolved(name: str, search_path: str) -> str | None:
         for suffix in suffixes:
             candidate = os.path.join(folder, name + suffix)
             if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                _FOUND[(name, search_path)] = candidate
                 return candidate
     return None
+
+
+_FOUND: dict[tuple[str, str], str] = {}
+
+# What git reads from the environment about the repository itself (`git rev-parse --local-env-vars`).
+# A git hook sets some (GIT_DIR, GIT_INDEX_FILE, ...) for its own repository; a recording made under
+# one must describe the repository GitPython found, so git runs without them and finds it from its root.
+_LOCAL_ENV = frozenset({
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_CONFIG", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT",
+    "GIT_OBJECT_DIRECTORY", "GIT_DIR", "GIT_WORK_TREE", "GIT_IMPLICIT_WORK_TREE", "GIT_GRAFT_FILE",
+    "GIT_INDEX_FILE", "GIT_NO_REPLACE_OBJECTS", "GIT_REPLACE_REF_BASE", "GIT_PREFIX", "GIT_SHALLOW_FILE",
+    "GIT_COMMON_DIR",
+})
+
+# A git that hangs (a network file system, a huge tree) is given up on, as the recording gives up on it.
+GIT_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -150,7 +169,7 @@ def _repository(path: str | os.PathLike[str]) -> _Repository:
         root, common = os.fspath(repo.working_tree_dir), os.fspath(repo.common_dir)
         key = _stat_key(os.path.join(common, "config"))  # before reading: a change meanwhile shows next time
         found = _Repository(root, os.fspath(repo.git_dir), common, _remote_url(repo), key,
-                            _folders_between(os.path.realpath(where), root))
+                            _folders_between(os.path.realpath(where), os.path.realpath(root)))
     _REPOSITORIES[where] = found
     return found
 
@@ -188,19 +207,16 @@ def _run_git(executable: str, repo: _Repository, *args: str) -> bytes:
     # git commands, running at the same time, may need.
     command = [executable, "--no-optional-locks", *args]
     env = None
-    if "GIT_DIR" in os.environ or "GIT_COMMON_DIR" in os.environ:
-        # As GitPython does: a GIT_DIR of the caller's (a hook's) would name another repository, or
-        # make git take the folder it runs in for the top of the tree.
-        env = {**os.environ, "GIT_DIR": repo.git_dir}
-        if "GIT_COMMON_DIR" in os.environ:
-            env["GIT_COMMON_DIR"] = repo.common_dir
+    if not _LOCAL_ENV.isdisjoint(os.environ):
+        env = {name: value for name, value in os.environ.items() if name not in _LOCAL_ENV}
     flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # Windows: no console window flashing up
     done = subprocess.run(command, cwd=repo.root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, check=False, creationflags=flags)
+                          stderr=subprocess.DEVNULL, check=False, creationflags=flags, timeout=GIT_TIMEOUT_S)
     if done.returncode == 0:
         return done.stdout
     again = subprocess.run(command, cwd=repo.root, env={**(env or os.environ), "LC_ALL": "C", "LANGUAGE": "C"},
-                           stdin=subprocess.DEVNULL, capture_output=True, check=False, creationflags=flags)
+                           stdin=subprocess.DEVNULL, capture_output=True, check=False, creationflags=flags,
+                           timeout=GIT_TIMEOUT_S)
     raise git.GitCommandError(command, done.returncode, again.stderr)
 
 
