@@ -130,6 +130,24 @@ class TestDirtyTree:
         assert section["untracked"] == sorted(f"u{i:04d}.txt" for i in range(extra))[: git_capture.MAX_UNTRACKED]
         assert section["untracked_truncated"] is True
 
+    def test_a_renamed_files_old_name_is_not_read_as_an_entry(self, repo: Path) -> None:
+        # -z puts a rename's original path in an entry of its own; one named like an untracked
+        # record ("? ...") must not be listed as untracked.
+        (repo / "? old.py").write_text("y = 1\n")
+        run_git(repo, "add", "? old.py")
+        run_git(repo, "commit", "-q", "-m", "odd name")
+        run_git(repo, "mv", "? old.py", "renamed.py")
+        section, diff = git_capture.capture_git(repo)
+        assert section["dirty"] is True
+        assert section["untracked"] == []
+        assert diff is not None and "renamed.py" in diff
+
+    def test_untracked_names_keep_their_characters_and_code_point_order(self, repo: Path) -> None:
+        for name in ("zeta.txt", "é.txt", "a b.txt", "日本.txt", "Z.txt"):
+            (repo / name).write_text("x\n")
+        section, _ = git_capture.capture_git(repo)
+        assert section["untracked"] == sorted(["zeta.txt", "é.txt", "a b.txt", "日本.txt", "Z.txt"])
+
     def test_large_diff_is_truncated_but_hashed_whole(self, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(git_capture, "MAX_DIFF_BYTES", 1000)
         (repo / "model.py").write_text("".join(f"line {i} é\n" for i in range(500)))

@@ -284,6 +284,7 @@ def _section(available: bool, reason: str | None, **facts: Any) -> dict[str, Any
 
 
 def _from_status(executable: str, repo: _Repository, status: dict[str, Any]) -> GitState:
+    # Sorted as bytes (UTF-8 keeps code point order); only the paths kept are decoded.
     untracked = sorted(status["untracked"])
     diff_text: str | None = None
     diff_facts: dict[str, Any] = {}
@@ -302,7 +303,7 @@ def _from_status(executable: str, repo: _Repository, status: dict[str, Any]) -> 
         branch=scrub.blank(status["branch"]) if status["branch"] else None,
         remote_url=repo.remote_url,
         dirty=status["tracked_changes"],
-        untracked=[scrub.blank(path) for path in untracked[:MAX_UNTRACKED]],
+        untracked=[scrub.blank(_text(path)) for path in untracked[:MAX_UNTRACKED]],
         untracked_truncated=len(untracked) > MAX_UNTRACKED,
         **diff_facts,
     )
@@ -310,33 +311,34 @@ def _from_status(executable: str, repo: _Repository, status: dict[str, Any]) -> 
 
 
 def _parse_status(raw: bytes) -> dict[str, Any]:
-    """Commit, branch, tracked-change flag and untracked paths from porcelain v2 -z."""
+    """Commit, branch, tracked-change flag and untracked paths (bytes) from porcelain v2 -z.
+
+    A tree with thousands of untracked files (an output folder, MLflow's ./mlruns) gives as many
+    entries: each is only sliced and compared here, in the thread that competes with the caller's."""
     commit: str | None = None
     branch: str | None = None
     tracked_changes = False
-    untracked: list[str] = []
-    entries = raw.split(b"\0")
-    skip_next = False
+    untracked: list[bytes] = []
+    entries = iter(raw.split(b"\0"))
     for entry in entries:
-        if skip_next:
-            # A rename/copy record ("2 ...") is followed by its original path.
-            skip_next = False
-            continue
-        if not entry:
-            continue
-        line = entry.decode("utf-8", errors="replace")
-        if line.startswith("# branch.oid "):
-            oid = line[len("# branch.oid "):]
-            commit = None if oid == "(initial)" else oid
-        elif line.startswith("# branch.head "):
-            head = line[len("# branch.head "):]
-            branch = None if head == "(detached)" else head
-        elif line.startswith("? "):
-            untracked.append(line[2:])
-        elif line[:2] in ("1 ", "2 ", "u "):
+        kind = entry[:2]
+        if kind == b"? ":
+            untracked.append(entry[2:])
+        elif kind in (b"1 ", b"2 ", b"u "):
             tracked_changes = True
-            skip_next = line.startswith("2 ")
+            if kind == b"2 ":  # a rename/copy record is followed by its original path
+                next(entries, None)
+        elif entry.startswith(b"# branch.oid "):
+            oid = _text(entry[len(b"# branch.oid "):])
+            commit = None if oid == "(initial)" else oid
+        elif entry.startswith(b"# branch.head "):
+            head = _text(entry[len(b"# branch.head "):])
+            branch = None if head == "(detached)" else head
     return {"commit": commit, "branch": branch, "tracked_changes": tracked_changes, "untracked": untracked}
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
 
 
 def _diff_against_head(executable: str, repo: _Repository, commit: str | None) -> bytes:
