@@ -237,6 +237,47 @@ class TestAdoption:
         assert len(_runs(migrated_store, "sync")) == 1
 
 
+class TestLeftovers:
+    """sync removes what killed processes left in the spool, and nothing else."""
+
+    def test_sync_removes_half_deleted_and_cut_off_entries(self, migrated_store: str, tmp_path: Path) -> None:
+        import fcntl
+        import uuid
+
+        root = spool.roots()[0]
+        root.mkdir(parents=True, exist_ok=True)
+
+        def entry(name: str, *, age_s: float = 0.0) -> Path:
+            path = root / name
+            (path / "artifacts" / "repro").mkdir(parents=True)
+            (path / "artifacts" / "repro" / "manifest.json").write_text("{}")
+            if age_s:
+                then = time.time() - age_s
+                os.utime(path, (then, then))
+            return path
+
+        trash = entry(f".delivered-{uuid.uuid4().hex}-{uuid.uuid4().hex[:8]}")  # killed mid-rmtree
+        cut_off = entry(uuid.uuid4().hex, age_s=2 * spool.UNFINISHED_AFTER_S)  # killed while staging
+        young = entry(uuid.uuid4().hex)  # may be staging right now
+        held = entry(uuid.uuid4().hex, age_s=2 * spool.UNFINISHED_AFTER_S)  # a live process's claim
+        notes = root / "notes"  # not ours: never touched
+        notes.mkdir()
+        claim = os.open(held / spool.CLAIM_FILE, os.O_RDWR | os.O_CREAT)
+        os.utime(held, (time.time() - 2 * spool.UNFINISHED_AFTER_S,) * 2)  # created with the entry
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            done = run_cli("sync", "--json", "--tracking-uri", migrated_store, env=_env(migrated_store, tmp_path))
+            assert done.returncode == 0, done.stderr
+            assert sorted(json.loads(done.stdout)["removed"]) == sorted([trash.name, cut_off.name])
+            assert not trash.exists() and not cut_off.exists()
+            assert young.is_dir() and held.is_dir() and notes.is_dir()
+        finally:
+            os.close(claim)
+        again = run_cli("sync", "--tracking-uri", migrated_store, env=_env(migrated_store, tmp_path))
+        assert again.returncode == 0 and "removed 1 folder(s) that killed processes left" in again.stderr
+        assert not held.exists() and young.is_dir() and notes.is_dir()
+
+
 @pytest.mark.slow
 class TestConcurrentSync:
     """Two syncs at once over 20 spooled recordings leave exactly 20 runs; each prints one JSON object."""

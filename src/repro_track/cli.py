@@ -316,7 +316,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     for item in report.failed:
         print(f"repro-track: could not upload {item['recording_id']}: {item['error']}", file=sys.stderr)
     skipped = f", skipped {len(report.skipped)} (another process is uploading them)" if report.skipped else ""
-    print(f"uploaded {len(report.uploaded)}, failed {len(report.failed)}{skipped}", file=sys.stderr)
+    removed = (f", removed {len(report.removed)} folder(s) that killed processes left in the spool"
+               if report.removed else "")
+    print(f"uploaded {len(report.uploaded)}, failed {len(report.failed)}{skipped}{removed}", file=sys.stderr)
     return 0 if not report.failed else 1
 
 

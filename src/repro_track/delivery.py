@@ -72,17 +72,18 @@ class SyncReport:
     failed: list[dict[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     roots: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # leftovers of killed processes (spool.sweep)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object ``sync --json`` prints."""
         return {"uploaded": self.uploaded, "failed": self.failed, "skipped": self.skipped,
-                "spool": self.roots}
+                "removed": self.removed, "spool": self.roots}
 
 
 def sync(tracking_uri: str | None = None) -> SyncReport:
     """Upload every unclaimed spooled recording, each exactly once, to where it was going (or to
     ``tracking_uri``). Entries another process is uploading are skipped, not waited for."""
-    report = SyncReport(roots=[str(root) for root in spool.roots()])
+    report = SyncReport(roots=[str(root) for root in spool.roots()], removed=spool.sweep())
     clients: dict[str, Any] = {}
     for listed in spool.pending():
         entry = spool.claim(listed)

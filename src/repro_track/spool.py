@@ -33,6 +33,8 @@ META_FILE = "meta.json"
 CLAIM_FILE = "claim.lock"
 _TRASH_PREFIX = ".delivered-"
 _ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: also safe inside the store's search filter
+_TRASH = re.compile(re.escape(_TRASH_PREFIX) + r"[0-9a-f]{32}-[0-9a-f]{8}")
+UNFINISHED_AFTER_S = 3600.0  # an entry without meta.json this old was cut off while staging
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,45 @@ def pending(root: Path | None = None) -> Iterator[SpoolEntry]:
                 continue
             if isinstance(meta, dict) and meta.get("recording_id") == path.name:
                 yield SpoolEntry(path, meta)
+
+
+def sweep(root: Path | None = None) -> list[str]:
+    """Remove what a killed process left behind in every spool root (or just ``root``): delivered
+    entries it had not finished deleting, and entries cut off while staging (no ``meta.json`` after
+    :data:`UNFINISHED_AFTER_S`, claimed by nobody), which name no destination and can never be
+    uploaded. Returns the folder names removed; nothing else in a spool folder is touched."""
+    import time
+
+    removed = []
+    for folder in [root] if root else roots():
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if _TRASH.fullmatch(path.name):
+                shutil.rmtree(path, ignore_errors=True)  # out of sight already: nobody can claim it
+            elif not (_ID.fullmatch(path.name) and _unfinished(path, time.time())):
+                continue
+            if not path.exists():
+                removed.append(path.name)
+    return removed
+
+
+def _unfinished(path: Path, now: float) -> bool:
+    """Remove an entry that never finished staging, if it is old and unclaimed; whether it was."""
+    if (path / META_FILE).exists() or now - _mtime(path) < UNFINISHED_AFTER_S:
+        return False
+    lock = _lock(path)
+    try:
+        lock.acquire()
+    except Exception:  # the Timeout of a live claim, or the folder went away
+        return False
+    try:
+        if (path / META_FILE).exists():  # finished staging after all, while we looked
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    finally:
+        lock.release()
 
 
 def _mtime(path: Path) -> float:
