@@ -86,6 +86,25 @@ def _load() -> float | None:
         return None
 
 
+def file_latency_us(folder: Path, reps: int = 100) -> float:
+    """Median microseconds to make a folder and write a small file into it, in ``folder``: what staging
+    a recording (row 1a) does about eight times per call. Some disks swing by 10x within minutes (an ext4
+    mounted with ``discard`` after many deletions), so each run reports it before and after its rows."""
+    import statistics
+
+    probe = Path(tempfile.mkdtemp(prefix="fs-probe-", dir=folder))
+    times = []
+    try:
+        for i in range(reps):
+            start = time.perf_counter()
+            (probe / str(i)).mkdir()
+            (probe / str(i) / "f").write_bytes(b"x")
+            times.append(time.perf_counter() - start)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return round(1e6 * statistics.median(times) / 2, 1)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="repro-track benchmarks: ratios against baselines, "
                                      "measured side by side in one run (see benchmarks/README.md).")
@@ -115,8 +134,9 @@ def run_row(number: int, title: str, fn: Callable[[Workspace, Config], list[Row]
                     measured_text="failed", note=f"failed: {reason}")]
 
 
-def run(args: argparse.Namespace) -> tuple[list[Row], float]:
-    """Run the selected rows in a fresh temp folder (deleted afterwards unless --keep)."""
+def run(args: argparse.Namespace) -> tuple[list[Row], float, dict[str, float]]:
+    """Run the selected rows in a fresh temp folder (deleted afterwards unless --keep); also returns the
+    file latency there before and after them."""
     cfg = QUICK if args.quick else Config()
     selected = sorted(int(n) for n in args.only.split(",")) if args.only else sorted(ROWS)
     started = time.perf_counter()
@@ -134,6 +154,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], float]:
 
             torch.set_num_threads(args.threads)
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        latency = {"before": file_latency_us(root)}
         with contextlib.chdir(root):  # anything written relative to the working dir lands in the temp folder
             progress(f"setting up in {root}")
             ws = Workspace(root)
@@ -142,6 +163,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], float]:
                 title, fn = ROWS[number]
                 progress(f"row {number}: {title}")
                 rows.extend(run_row(number, title, fn, ws, cfg))
+            latency["after"] = file_latency_us(root)
             leftover = list(ws.spool.glob("*")) if ws.spool.is_dir() else []
             if leftover:
                 progress(f"warning: {len(leftover)} recordings stayed in the spool (not logged)")
@@ -152,19 +174,21 @@ def run(args: argparse.Namespace) -> tuple[list[Row], float]:
             progress(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    return rows, time.perf_counter() - started
+    return rows, time.perf_counter() - started, latency
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, optionally write JSON; exit 0 (targets are reported, not enforced)."""
     args = parse_args(argv)
     load_before = _load()
-    rows, total = run(args)
+    rows, total, latency = run(args)
     info = machine()
+    info["file_create_us"] = latency
     print(table(rows, args.markdown))
     print(f"\ntotal runtime {total:.0f} s ({'quick' if args.quick else 'full'} run); {info['cpus']} CPUs, "
           f"load average {load_before} before and {info['load_average']} after; torch threads "
-          f"{args.threads or 'default'}")
+          f"{args.threads or 'default'}; making a folder or a file in the temp folder took "
+          f"{latency['before']:.0f} us before and {latency.get('after', float('nan')):.0f} us after")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"quick": args.quick, "threads": args.threads, "total_s": total,
