@@ -121,8 +121,8 @@ def load_run(client: Any, ref: str, dest: Path) -> LoadedRun:
                                  item="inputs")
         verify_arrays(inputs_path, saved_inputs, run_id, "input")
     # Checked last, on the very files read above; replay refuses a bad one when signing is required.
-    signature = check_run(client, run_id, _fetch(repo, run_id, tags.SIGNATURE_PATH, dest), dest,
-                          fetch=lambda rel: _fetch(repo, run_id, rel, dest))
+    signature = check_run(run_id, _fetch(repo, run_id, tags.SIGNATURE_PATH, dest), dest,
+                          list_folder=repo.list_artifacts, fetch=lambda rel: _fetch(repo, run_id, rel, dest))
     return LoadedRun(run_id, run.info.experiment_id, manifest, outputs_path, inputs_path,
                      dict(run.data.tags), signature)
 

@@ -311,39 +311,41 @@ def check_tree(artifacts: Path) -> SignatureCheck:
     return verify(document.read_bytes(), files, trusted)
 
 
-def check_run(client: Any, run_id: str, signature_file: Path | None, dest: Path,
-              fetch: Callable[[str], Path | None] | None = None) -> SignatureCheck:
+def check_run(run_id: str, signature_file: Path | None, dest: Path,
+              list_folder: Callable[[str | None], list[Any]],
+              fetch: Callable[[str], Path | None]) -> SignatureCheck:
     """The signature of a stored run, checked against every artifact the run holds.
 
-    Files already downloaded into ``dest`` (the manifest and arrays replay goes on to use) are checked
-    as they are, not downloaded again; the others are downloaded beside them with ``fetch`` (the run
-    loader's, which refuses a symbolic link in a local store), else with the client.
+    ``list_folder`` lists one folder of the run's artifact store (None: its root); ``fetch``
+    downloads one artifact into ``dest`` (the run loader's, which refuses a symbolic link in a local
+    store). Files already downloaded into ``dest`` (the manifest and arrays replay goes on to use) are
+    checked as they are, not downloaded again.
     """
     if signature_file is None:
         return UNSIGNED
     if signature_file.stat().st_size > _MAX_SIGNATURE_BYTES:
         return SignatureCheck(True, None, False, f"{tags.SIGNATURE_PATH} is too large to be one")
-    listing = _listing(client, run_id)
+    listing = _listing(run_id, list_folder)
     if len(listing) > _MAX_ARTIFACTS:
         return SignatureCheck(True, None, False, f"the run holds more than {_MAX_ARTIFACTS} artifacts")
     files: dict[str, Path] = {}
     for rel in listing:
         if rel == tags.SIGNATURE_PATH:
             continue
-        local = _fetch(client, run_id, rel, dest, fetch)
+        local = _fetch(rel, dest, fetch)
         if local is None:
             return SignatureCheck(True, None, False, f"the run holds an artifact with an unsafe path {rel!r}")
         files[rel] = local
     return verify(signature_file.read_bytes(), files, load_trusted_keys())
 
 
-def _listing(client: Any, run_id: str) -> list[str]:
+def _listing(run_id: str, list_folder: Callable[[str | None], list[Any]]) -> list[str]:
     found: list[str] = []
-    folders = [None]
+    folders: list[str | None] = [None]
     while folders and len(found) <= _MAX_ARTIFACTS:
         folder = folders.pop()
         try:
-            entries = client.list_artifacts(run_id, folder)
+            entries = list_folder(folder)
         except Exception as exc:
             raise StoreError(f"run {run_id}: cannot list artifacts under {folder or '/'} ({exc})") from None
         for entry in entries:
@@ -351,20 +353,14 @@ def _listing(client: Any, run_id: str) -> list[str]:
     return sorted(found)
 
 
-def _fetch(client: Any, run_id: str, rel: str, dest: Path,
-           fetch: Callable[[str], Path | None] | None = None) -> Path | None:
+def _fetch(rel: str, dest: Path, fetch: Callable[[str], Path | None]) -> Path | None:
     parts = PurePosixPath(rel).parts
     if (not parts or rel.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in rel
             or any(ord(c) < 32 for c in rel)):
         return None
     local = dest.joinpath(*parts)
-    if not local.exists() and fetch is not None:
+    if not local.exists():
         local = fetch(rel) or local
-    elif not local.exists():
-        try:
-            local = Path(client.download_artifacts(run_id, rel, str(dest)))
-        except Exception as exc:
-            raise StoreError(f"run {run_id}: cannot download {rel} ({exc})") from None
     if local.is_symlink() or not local.is_file() or not local.resolve().is_relative_to(dest.resolve()):
         return None
     return local
