@@ -492,10 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the two key files (default: $XDG_CONFIG_HOME/repro-track)")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("sync", help="upload recordings spooled while MLflow was unreachable")
+    p = sub.add_parser("sync", help="upload recordings waiting in the spool (server down, process "
+                       "killed); clear what killed processes left half-done")
     p.add_argument("--tracking-uri", help="upload here instead of where each recording was going")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: uploaded, failed and skipped recordings")
+                   help="print one JSON object: uploaded, failed and skipped recordings, removed leftovers")
     p.set_defaults(func=cmd_sync)
     return parser
 
