@@ -726,6 +726,47 @@ class TestForkedChildRecords:
         assert json.loads(Path(local).read_text("utf-8"))["git"]["reason"] != GIT_PENDING
 
 
+class TestAfterTheMainThreadEnds:
+    """A thread that goes on generating after the main thread has returned still records."""
+
+    def test_a_call_in_a_thread_that_outlives_main_is_recorded(self, tmp_path: Path, migrated_store: str) -> None:
+        from repro_track.capture import GIT_PENDING
+
+        script = tmp_path / "outlive.py"
+        script.write_text(textwrap.dedent('''
+            import json, threading, warnings
+            import numpy as np
+            import repro_track
+
+
+            @repro_track.record(experiment="outlive")
+            def make(index):
+                return np.full(2, index)
+
+
+            def later(main):
+                main.join()  # the interpreter is shutting down from here: thread pools refuse new work
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    make(1)
+                flushed = repro_track.flush(60)
+                outcome = repro_track.last_recording(make)
+                print(json.dumps({"flushed": flushed, "run_id": outcome and outcome.run_id,
+                                  "warnings": [str(w.message) for w in caught]}), flush=True)
+
+
+            make(0)
+            threading.Thread(target=later, args=(threading.main_thread(),)).start()
+        '''))
+        done = run_script(script, env=_env(migrated_store, tmp_path), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        late = json.loads(done.stdout.strip().splitlines()[-1])
+        assert late["warnings"] == [] and late["flushed"] and late["run_id"], (late, done.stderr[-2000:])
+        local = store.client_for(migrated_store).download_artifacts(late["run_id"], tags.MANIFEST_PATH)
+        manifest = json.loads(Path(local).read_text("utf-8"))
+        assert manifest["git"]["reason"] != GIT_PENDING and manifest["arguments"]["index"]["value"] == 1
+
+
 @pytest.mark.slow
 class TestProcessEnd:
     """Killed right after its calls, or ending before its uploads, a process loses nothing."""

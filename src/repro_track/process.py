@@ -57,13 +57,27 @@ class ProcessPool:
         self._pool: ThreadPoolExecutor | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Run ``fn(*args)`` in one of the pool's threads; its future."""
+        """Run ``fn(*args)`` in one of the pool's threads; its future.
+
+        Once the main thread has returned, Python's thread pools take no new work, though other threads
+        may go on calling: then ``fn`` runs in the calling thread, and its future is done on return."""
         with self._lock:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix=self._name)
-            return self._pool.submit(fn, *args)
+            try:
+                return self._pool.submit(fn, *args)
+            except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+                pass
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
 
 
 class SerialThread:
