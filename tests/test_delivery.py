@@ -689,82 +689,76 @@ class TestForkDuringUpload:
         _check_exactly_once(migrated_store, done.stdout.split()[:2], "fork")
 
 
+LATE_CALL = '''
+    import json, os, threading, warnings
+    import numpy as np
+    import repro_track
+
+
+    @repro_track.record(experiment="late")
+    def make(index):
+        return np.full(2, index)
+
+
+    def report(**extra):
+        """Flush, then print the latest call's run id as one JSON line."""
+        flushed = repro_track.flush(60)
+        outcome = repro_track.last_recording(make)
+        print(json.dumps({"flushed": flushed, "run_id": outcome and outcome.run_id, **extra}), flush=True)
+'''
+
+
+def _late_call(tmp_path: Path, uri: str, body: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run LATE_CALL and then ``body`` as a script; its report, and the manifest of the run it names,
+    which must be uploaded with git's answer in it."""
+    from repro_track.capture import GIT_PENDING
+
+    script = tmp_path / "late.py"
+    script.write_text(textwrap.dedent(LATE_CALL) + textwrap.dedent(body))
+    done = run_script(script, env=_env(uri, tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    late = json.loads(done.stdout.strip().splitlines()[-1])
+    assert late["flushed"] and late["run_id"], (late, done.stderr[-2000:])
+    local = store.client_for(uri).download_artifacts(late["run_id"], tags.MANIFEST_PATH)
+    manifest = json.loads(Path(local).read_text("utf-8"))
+    assert manifest["git"]["reason"] != GIT_PENDING
+    return late, manifest
+
+
 class TestForkedChildRecords:
     """A forked child records with threads of its own: the parent's git thread is not in the child."""
 
     def test_the_childs_recording_has_git_and_is_uploaded(self, tmp_path: Path, migrated_store: str) -> None:
-        from repro_track.capture import GIT_PENDING
-
-        script = tmp_path / "fork.py"
-        script.write_text(textwrap.dedent('''
-            import json, os
-            import numpy as np
-            import repro_track
-
-
-            @repro_track.record(experiment="forked")
-            def make(index):
-                return np.full(2, index)
-
-
+        _, manifest = _late_call(tmp_path, migrated_store, '''
             make(0)  # the parent's git thread and worker exist from here on
             assert repro_track.flush(60)
             pid = os.fork()
             if pid == 0:
                 make(1)
-                flushed = repro_track.flush(30)
-                outcome = repro_track.last_recording(make)
-                print(json.dumps({"flushed": flushed, "run_id": outcome.run_id}), flush=True)
+                report()
                 os._exit(0)
             os.waitpid(pid, 0)
-        '''))
-        done = run_script(script, env=_env(migrated_store, tmp_path), cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-2000:]
-        child = json.loads(done.stdout.strip().splitlines()[-1])
-        assert child["flushed"] and child["run_id"], done.stderr[-2000:]
-        local = store.client_for(migrated_store).download_artifacts(child["run_id"], tags.MANIFEST_PATH)
-        assert json.loads(Path(local).read_text("utf-8"))["git"]["reason"] != GIT_PENDING
+        ''')
+        assert manifest["arguments"]["index"]["value"] == 1
 
 
 class TestAfterTheMainThreadEnds:
     """A thread that goes on generating after the main thread has returned still records."""
 
     def test_a_call_in_a_thread_that_outlives_main_is_recorded(self, tmp_path: Path, migrated_store: str) -> None:
-        from repro_track.capture import GIT_PENDING
-
-        script = tmp_path / "outlive.py"
-        script.write_text(textwrap.dedent('''
-            import json, threading, warnings
-            import numpy as np
-            import repro_track
-
-
-            @repro_track.record(experiment="outlive")
-            def make(index):
-                return np.full(2, index)
-
-
+        late, manifest = _late_call(tmp_path, migrated_store, '''
             def later(main):
                 main.join()  # the interpreter is shutting down from here: thread pools refuse new work
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     make(1)
-                flushed = repro_track.flush(60)
-                outcome = repro_track.last_recording(make)
-                print(json.dumps({"flushed": flushed, "run_id": outcome and outcome.run_id,
-                                  "warnings": [str(w.message) for w in caught]}), flush=True)
+                report(warnings=[str(w.message) for w in caught])
 
 
             make(0)
             threading.Thread(target=later, args=(threading.main_thread(),)).start()
-        '''))
-        done = run_script(script, env=_env(migrated_store, tmp_path), cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-2000:]
-        late = json.loads(done.stdout.strip().splitlines()[-1])
-        assert late["warnings"] == [] and late["flushed"] and late["run_id"], (late, done.stderr[-2000:])
-        local = store.client_for(migrated_store).download_artifacts(late["run_id"], tags.MANIFEST_PATH)
-        manifest = json.loads(Path(local).read_text("utf-8"))
-        assert manifest["git"]["reason"] != GIT_PENDING and manifest["arguments"]["index"]["value"] == 1
+        ''')
+        assert late["warnings"] == [] and manifest["arguments"]["index"]["value"] == 1
 
 
 @pytest.mark.slow
