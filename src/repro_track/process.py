@@ -39,7 +39,7 @@ def module_command(module: str) -> list[str]:
                   f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"]
 
 
-class ProcessPool:
+class ThreadPool:
     """A pool of threads of this process's own, made on first use.
 
     A forked child (multiprocessing's default on Linux, a DataLoader worker) gets a pool of its own:

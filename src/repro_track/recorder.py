@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, ParamSpec, TypeVar, overload
 
 from . import outputs, settings
-from .process import ProcessPool
+from .process import ThreadPool
 from .manifest import Manifest
 from .records import Recording, RecordingWarning, RecordOptions, RecordOutcome
 
@@ -86,7 +86,7 @@ class Recorder:
         self.options = options
         self.signature = inspect.signature(fn)
         self._local = threading.local()
-        self._git_pool = ProcessPool(4, "repro-track-git")
+        self._git_pool = ThreadPool(4, "repro-track-git")
         self.keep_steps = False  # keep each denoising step's latents as outputs too
 
     @property

@@ -166,8 +166,8 @@ def _lock(path: Path) -> Any:
     return FileLock(str(path / CLAIM_FILE), timeout=0, thread_local=False)
 
 
-def _try_claim(path: Path) -> Any:
-    """The held lock on an entry, or None when another process holds it or the entry is gone."""
+def _lock_if_free(path: Path) -> Any:
+    """The held lock on an entry folder, or None when another process holds it or the folder is gone."""
     from filelock import Timeout
 
     lock = _lock(path)
@@ -175,7 +175,13 @@ def _try_claim(path: Path) -> Any:
         lock.acquire()
     except (Timeout, FileNotFoundError, NotADirectoryError):
         return None
-    if not (path / META_FILE).is_file():  # delivered (or never finished staging) while we waited
+    return lock
+
+
+def _try_claim(path: Path) -> Any:
+    """The held lock on an entry, or None when another process holds it or the entry is gone."""
+    lock = _lock_if_free(path)
+    if lock is not None and not (path / META_FILE).is_file():  # delivered (or never staged) meanwhile
         lock.release()
         return None
     return lock
@@ -308,28 +314,27 @@ def sweep(root: Path | None = None) -> list[str]:
     uploaded. Returns the folder names removed; nothing else in a spool folder is touched."""
     import time
 
-    removed = []
+    now, removed = time.time(), []
     for folder in [root] if root else roots():
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if _TRASH.fullmatch(path.name):
-                shutil.rmtree(path, ignore_errors=True)  # out of sight already: nobody can claim it
-            elif not (_ID.fullmatch(path.name) and _unfinished(path, time.time())):
-                continue
-            if not path.exists():
+            if _TRASH.fullmatch(path.name):  # out of sight already: nobody can claim it
+                shutil.rmtree(path, ignore_errors=True)
+                gone = not path.exists()
+            else:
+                gone = bool(_ID.fullmatch(path.name)) and _remove_if_cut_off(path, now) and not path.exists()
+            if gone:
                 removed.append(path.name)
     return removed
 
 
-def _unfinished(path: Path, now: float) -> bool:
+def _remove_if_cut_off(path: Path, now: float) -> bool:
     """Remove an entry that never finished staging, if it is old and unclaimed; whether it was."""
     if (path / META_FILE).exists() or now - _mtime(path) < UNFINISHED_AFTER_S:
         return False
-    lock = _lock(path)
-    try:
-        lock.acquire()
-    except Exception:  # the Timeout of a live claim, or the folder went away
+    lock = _lock_if_free(path)
+    if lock is None:
         return False
     try:
         if (path / META_FILE).exists():  # finished staging after all, while we looked

@@ -129,7 +129,6 @@ class _Repository:
     """A work tree as GitPython found it from some folder, with what is read once per repository."""
 
     root: str  # the work tree, where git runs (as GitPython ran it)
-    git_dir: str
     common_dir: str
     remote_url: str | None
     config_key: tuple[int, int, int] | None  # the config file when the remote was read
@@ -168,7 +167,7 @@ def _repository(path: str | os.PathLike[str]) -> _Repository:
             raise _Unavailable("repository has no working tree (bare)")
         root, common = os.fspath(repo.working_tree_dir), os.fspath(repo.common_dir)
         key = _stat_key(os.path.join(common, "config"))  # before reading: a change meanwhile shows next time
-        found = _Repository(root, os.fspath(repo.git_dir), common, _remote_url(repo), key,
+        found = _Repository(root, common, _remote_url(repo), key,
                             _folders_between(os.path.realpath(where), os.path.realpath(root)))
     _REPOSITORIES[where] = found
     return found
