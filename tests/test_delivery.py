@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -212,6 +213,42 @@ class TestClaim:
         done = run_cli("sync", "--json", "--tracking-uri", migrated_store, env=_env(migrated_store, tmp_path))
         assert len(json.loads(done.stdout)["uploaded"]) == 1
         _check_exactly_once(migrated_store, spooled)
+
+
+class TestSpoolFormat:
+    """An entry is staged in few files (a call waits for each); older entries still upload."""
+
+    def test_a_call_stages_its_arrays_and_one_meta_file(self, spooled: list[str]) -> None:
+        for entry in spool.pending():
+            assert sorted(os.listdir(entry.path)) == [spool.CLAIM_FILE, spool.META_FILE, tags.OUTPUTS_FILE]
+            assert entry.meta["format"] == spool.FORMAT
+            assert tags.MANIFEST_PATH in entry.texts and set(entry.texts) <= spool.TEXT_PATHS
+            m = json.loads(entry.texts[tags.MANIFEST_PATH])
+            assert m["manifest_digest"] == entry.meta["manifest_digest"]
+
+    def test_entries_in_the_older_layout_upload_the_same_files(self, spooled: list[str], migrated_store: str,
+                                                               tmp_path: Path) -> None:
+        older = []
+        for listed in list(spool.pending())[:5]:  # rewritten as staged before format 2: artifacts/ as uploaded
+            entry = spool.claim(listed)
+            os.replace(spool.prepare_upload(entry), entry.path / "artifacts")
+            (entry.path / tags.OUTPUTS_FILE).unlink()
+            meta = {k: v for k, v in entry.meta.items() if k not in ("format", "files")}
+            (entry.path / spool.META_FILE).write_text(json.dumps(meta), "utf-8")
+            spool.release(dataclasses.replace(entry, meta=meta), "rewritten")
+            older.append(entry.recording_id)
+        done = run_cli("sync", "--json", "--tracking-uri", migrated_store, env=_env(migrated_store, tmp_path))
+        assert done.returncode == 0 and len(json.loads(done.stdout)["uploaded"]) == 20, done.stderr
+        runs = _check_exactly_once(migrated_store, spooled)
+        client = store.client_for(migrated_store)
+
+        def files(run: Any) -> list[str]:
+            return sorted(f.path for f in client.list_artifacts(run.info.run_id, tags.ARTIFACT_DIR))
+
+        by_age = {r.data.tags[tags.SPOOL_ID] in older: files(r) for r in runs}
+        assert by_age[True] == by_age[False]
+        assert {tags.MANIFEST_PATH, tags.OUTPUTS_PATH, f"{tags.ARTIFACT_DIR}/{tags.REQUIREMENTS_FILE}"} <= set(by_age[True])
+        assert list(spool.pending()) == []
 
 
 class TestAdoption:
@@ -566,10 +603,10 @@ class TestGitAfterTheCall:
         left = {e.recording_id: e for e in spool.pending(tmp_path / "spool")}
         assert left and set(left) <= set(ids)  # uploads of 3 s each: not all done within the exit's 1 s
         for entry in left.values():
-            m = json.loads((entry.artifacts / tags.MANIFEST_PATH).read_text("utf-8"))
+            m = json.loads(entry.texts[tags.MANIFEST_PATH])
             assert m["git"]["reason"] != GIT_PENDING
             assert entry.meta["manifest_digest"] == m["manifest_digest"]
-            assert (entry.artifacts / tags.SIGNATURE_PATH).is_file()
+            assert tags.SIGNATURE_PATH in entry.texts
 
     def test_killed_before_git_answers(self, tmp_path: Path, migrated_store: str) -> None:
         script = tmp_path / "rec.py"

@@ -563,8 +563,8 @@ class TestUnreachableServer:
         assert warning.filename == __file__
         assert str(outcome.spool_path) in str(warning.message)
         entry = tmp_path / "spool" / outcome.spool_path.name
-        assert (entry / "artifacts" / tags.MANIFEST_PATH).is_file()
-        assert json.loads((entry / "meta.json").read_text())["tracking_uri"] == down
+        meta = json.loads((entry / "meta.json").read_text())
+        assert meta["tracking_uri"] == down and tags.MANIFEST_PATH in meta["files"]
 
         first = run_cli("sync", "--tracking-uri", migrated_store, env=dict(os.environ))
         assert first.returncode == 0, first.stderr

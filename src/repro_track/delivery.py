@@ -55,7 +55,7 @@ def deliver_claimed(entry: spool.SpoolEntry, uri: str, clients: dict[str, Any],
     try:
         client = clients.get(uri) or clients.setdefault(uri, make_client(uri))
         probe(uri)
-        validate(json.loads((entry.artifacts / MANIFEST_PATH).read_text("utf-8")))
+        validate(json.loads(entry.texts[MANIFEST_PATH]))
         run_id = upload(client, entry)
     except BaseException as exc:
         spool.release(entry, repr(exc))

@@ -213,16 +213,31 @@ def sign_staged(artifacts: Path, manifest_digest: str) -> Path | None:
     """
     if settings.SIGNING_KEY.get() is None:
         return None
+    document = _document(tree_digests(artifacts), manifest_digest)
+    target = artifacts / tags.SIGNATURE_PATH
+    target.write_text(document, "utf-8")
+    return target
+
+
+def signature_for(files: dict[str, bytes | Path], manifest_digest: str) -> str | None:
+    """The signature file (``repro/signature.json``) of an artifact tree that is not on disk as such:
+    each file by posix path, as its bytes or as a file holding them. None without a signing key."""
+    if settings.SIGNING_KEY.get() is None:
+        return None
+    digests = {rel: hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else _sha256_file(content)
+               for rel, content in files.items() if rel != tags.SIGNATURE_PATH}
+    return _document(digests, manifest_digest)
+
+
+def _document(digests: dict[str, str], manifest_digest: str) -> str:
     key = load_private_key()
     public = key.public_key()
     body = {"format": FORMAT, "algorithm": ALGORITHM, "key_id": key_id(public),
             "public_key": base64.b64encode(_raw(public)).decode("ascii"),
-            "manifest_digest": manifest_digest, "artifacts": tree_digests(artifacts)}
+            "manifest_digest": manifest_digest, "artifacts": dict(sorted(digests.items()))}
     signature = key.sign(_DOMAIN + canonical_json(body))
-    target = artifacts / tags.SIGNATURE_PATH
-    target.write_text(json.dumps({**body, "signature": base64.b64encode(signature).decode("ascii")},
-                                 indent=1, sort_keys=True), "utf-8")
-    return target
+    return json.dumps({**body, "signature": base64.b64encode(signature).decode("ascii")}, indent=1,
+                      sort_keys=True)
 
 
 def dsse_envelope(statement: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,13 @@
 """The local spool: recordings wait here until MLflow has them, so nothing is ever lost.
 
-Every recording is staged in ``<spool>/<recording id>/`` first (``artifacts/`` as uploaded, plus
-``meta.json`` saying where it was going, written last). Whoever uploads an entry first *claims* it: an
+Every recording is staged in ``<spool>/<recording id>/`` first, in as few files as it takes, since a
+call waits for them: its arrays (``outputs.safetensors``, ``inputs.safetensors``) and images
+(``images/``) as uploaded, and ``meta.json``, written last, holding where it was going and the small
+files of the run (manifest, requirements, git diff, signature) by artifact path (``"format": 2``). The
+artifact tree itself is built in ``<entry>/upload/`` just before an upload (files linked, not copied).
+Entries staged before that format hold the tree as ``artifacts/``; they are uploaded as they are.
+
+Whoever uploads an entry first *claims* it: an
 exclusive ``filelock`` on ``<entry>/claim.lock``. The recording process holds the claim from staging
 until its delivery worker is done; ``repro-track sync`` claims without waiting and skips what another
 process holds. The kernel drops a claim when its process dies (even by SIGKILL), so a killed
@@ -25,8 +31,8 @@ from typing import Any, Iterator
 
 from . import outputs, settings
 from .errors import StoreError
-from .tags import (ARTIFACT_DIR, GIT_DIFF_FILE, INPUTS_FILE, MANIFEST_FILE, OUTPUTS_FILE,
-                   REQUIREMENTS_FILE)
+from .tags import (ARTIFACT_DIR, GIT_DIFF_FILE, IMAGES_DIR, INPUTS_FILE, MANIFEST_FILE, MANIFEST_PATH,
+                   OUTPUTS_FILE, REQUIREMENTS_FILE, SIGNATURE_PATH)
 
 log = logging.getLogger(__name__)
 META_FILE = "meta.json"
@@ -35,6 +41,11 @@ _TRASH_PREFIX = ".delivered-"
 _ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: also safe inside the store's search filter
 _TRASH = re.compile(re.escape(_TRASH_PREFIX) + r"[0-9a-f]{32}-[0-9a-f]{8}")
 UNFINISHED_AFTER_S = 3600.0  # an entry without meta.json this old was cut off while staging
+FORMAT = 2  # meta.json's "format": small files inside it, the tree built at upload (absent: artifacts/)
+UPLOAD_DIR = "upload"
+ARRAY_FILES = (OUTPUTS_FILE, INPUTS_FILE)  # beside meta.json, uploaded under repro/
+TEXT_PATHS = frozenset({MANIFEST_PATH, SIGNATURE_PATH, f"{ARTIFACT_DIR}/{REQUIREMENTS_FILE}",
+                        f"{ARTIFACT_DIR}/{GIT_DIFF_FILE}"})  # inside meta.json
 
 
 @dataclass(frozen=True)
@@ -52,8 +63,17 @@ class SpoolEntry:
 
     @property
     def artifacts(self) -> Path:
-        """The folder uploaded as the run's artifacts."""
-        return self.path / "artifacts"
+        """The folder uploaded as the run's artifacts: built by :func:`prepare_upload` (or, in an
+        entry staged before ``FORMAT`` 2, staged as such)."""
+        return self.path / (UPLOAD_DIR if self.meta.get("format") == FORMAT else "artifacts")
+
+    @property
+    def texts(self) -> dict[str, str]:
+        """The small files of the run by artifact path (manifest, requirements, git diff, signature)."""
+        if self.meta.get("format") == FORMAT:
+            return self.meta["files"]
+        return {rel: (self.artifacts / rel).read_text("utf-8") for rel in sorted(TEXT_PATHS)
+                if (self.artifacts / rel).is_file()}
 
     @property
     def recording_id(self) -> str:
@@ -61,49 +81,90 @@ class SpoolEntry:
         return self.meta["recording_id"]
 
 
-def stage(recording: Any, artifacts: Path, *, images: bool = True, validate: bool = True,
-          sign: bool = True) -> str:
+def stage(recording: Any, artifacts: Path, *, sign: bool = True) -> str:
     """Write a recording's artifact tree: repro/{manifest,outputs,inputs,requirements,git.diff}, images/.
 
-    Returns the manifest digest. ``sign=False`` leaves signing to :func:`complete`."""
+    Returns the manifest digest. (Replays stage their recording so; the spool keeps fewer files.)"""
     repro = artifacts / ARTIFACT_DIR
     repro.mkdir(parents=True, exist_ok=True)
-    text, digest = recording.manifest.serialise(validate=validate)
-    (repro / MANIFEST_FILE).write_text(text, "utf-8")
-    if recording.outputs:
-        # The manifest's records hold each output's digest, computed moments ago from the same arrays.
-        described = {o["name"]: o["sha256"] for o in recording.manifest.outputs if o.get("sha256")}
-        outputs.save_arrays(recording.outputs, repro / OUTPUTS_FILE, digests=described)
-    if recording.inputs:
-        outputs.save_arrays(recording.inputs, repro / INPUTS_FILE)
-    (repro / REQUIREMENTS_FILE).write_text(recording.requirements, "utf-8")
-    if recording.git_diff:
-        (repro / GIT_DIFF_FILE).write_text(recording.git_diff, "utf-8")
-    if images and recording.outputs:  # in MLflow's log_image layout (key = output name, step set)
-        from .outputs import image_frames
-        from .run_images import final_step, stage_images
-
-        m = recording.manifest
-        stage_images(image_frames(recording.outputs), artifacts,
-                     step=final_step(m.arguments), timestamp_ms=_ms(m.call["ended_at"]))
+    texts, digest = _texts(recording, validate=True)
+    _write_files(recording, repro, artifacts)
+    for rel, text in texts.items():
+        (artifacts / rel).write_text(text, "utf-8")
     if sign:
         from .signing import sign_staged  # last: the signature covers every file written above
         sign_staged(artifacts, digest)
     return digest
 
 
+def _texts(recording: Any, *, validate: bool) -> tuple[dict[str, str], str]:
+    """A recording's small files by artifact path, and its manifest digest."""
+    text, digest = recording.manifest.serialise(validate=validate)
+    texts = {f"{ARTIFACT_DIR}/{MANIFEST_FILE}": text,
+             f"{ARTIFACT_DIR}/{REQUIREMENTS_FILE}": recording.requirements}
+    if recording.git_diff:
+        texts[f"{ARTIFACT_DIR}/{GIT_DIFF_FILE}"] = recording.git_diff
+    return texts, digest
+
+
+def _write_files(recording: Any, arrays: Path, images: Path) -> None:
+    """Write the arrays into ``arrays`` and the images under ``images/images`` (MLflow's log_image
+    layout: key = output name, step set)."""
+    if recording.outputs:
+        # The manifest's records hold each output's digest, computed moments ago from the same arrays.
+        described = {o["name"]: o["sha256"] for o in recording.manifest.outputs if o.get("sha256")}
+        outputs.save_arrays(recording.outputs, arrays / OUTPUTS_FILE, digests=described)
+    if recording.inputs:
+        outputs.save_arrays(recording.inputs, arrays / INPUTS_FILE)
+    frames = outputs.image_frames(recording.outputs) if recording.outputs else []
+    if frames:
+        from .run_images import final_step, stage_images
+
+        m = recording.manifest
+        stage_images(frames, images, step=final_step(m.arguments), timestamp_ms=_ms(m.call["ended_at"]))
+
+
+def _files(entry: "SpoolEntry") -> dict[str, Path]:
+    """A format-2 entry's arrays and images by artifact path."""
+    found = {f"{ARTIFACT_DIR}/{name}": entry.path / name for name in ARRAY_FILES
+             if (entry.path / name).is_file()}
+    images = entry.path / IMAGES_DIR
+    if images.is_dir():
+        found.update((p.relative_to(entry.path).as_posix(), p) for p in sorted(images.rglob("*"))
+                     if p.is_file() and not p.is_symlink())
+    return found
+
+
+def prepare_upload(entry: "SpoolEntry") -> Path:
+    """The claimed entry's artifact tree, ready to upload: built afresh in ``upload/`` (format 2:
+    small files written out, arrays and images linked), or as staged (older entries)."""
+    if entry.meta.get("format") != FORMAT:
+        return entry.artifacts
+    texts = entry.meta.get("files")
+    if not isinstance(texts, dict) or not set(texts) <= TEXT_PATHS or MANIFEST_PATH not in texts:
+        raise StoreError(f"{entry.path / META_FILE} does not list a recording's files")
+    tree = entry.artifacts
+    shutil.rmtree(tree, ignore_errors=True)  # what an interrupted try left
+    for rel, content in [*texts.items(), *_files(entry).items()]:
+        target = tree / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            target.write_bytes(content.encode("utf-8"))
+            continue
+        try:
+            os.link(content, target)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(content, target)
+    return tree
+
+
 def complete(entry: "SpoolEntry", recording: Any) -> str:
     """Bring a staged entry up to date with a recording completed after staging (its git state came
-    later): the manifest (replaced atomically), the git diff, the signature and the noted digest.
+    later): its small files, the signature and the noted digest, in one replacement of meta.json.
     Returns the new manifest digest. A process killed before this leaves the staged manifest, which
     says that git had not answered."""
-    repro = entry.artifacts / ARTIFACT_DIR
-    text, digest = recording.manifest.serialise(validate=False)
-    if recording.git_diff:
-        (repro / GIT_DIFF_FILE).write_text(recording.git_diff, "utf-8")
-    tmp = entry.path / (MANIFEST_FILE + ".tmp")  # outside artifacts/: never uploaded half-written
-    tmp.write_text(text, "utf-8")
-    os.replace(tmp, repro / MANIFEST_FILE)
+    texts, digest = _texts(recording, validate=False)
+    entry.meta["files"] = texts
     return _signed(entry, digest)
 
 
@@ -188,17 +249,19 @@ def _try_claim(path: Path) -> Any:
 
 
 def seal(entry: "SpoolEntry") -> str:
-    """Sign a staged entry as it is on disk and note its manifest's digest: for an entry staged to be
+    """Sign a staged entry as it is and note its manifest's digest: for an entry staged to be
     completed later (see :func:`complete`) when that did not happen. Returns the digest."""
-    m = json.loads((entry.artifacts / ARTIFACT_DIR / MANIFEST_FILE).read_text("utf-8"))
-    return _signed(entry, m["manifest_digest"])
+    return _signed(entry, json.loads(entry.texts[MANIFEST_PATH])["manifest_digest"])
 
 
 def _signed(entry: "SpoolEntry", digest: str) -> str:
-    """Sign the entry's artifacts as they are now and note the manifest digest in its meta."""
-    from .signing import sign_staged
+    """Sign the entry's files as they are now and note them, with the manifest digest, in its meta."""
+    from .signing import signature_for
 
-    sign_staged(entry.artifacts, digest)
+    texts = {rel: text for rel, text in entry.meta["files"].items() if rel != SIGNATURE_PATH}
+    document = signature_for({**{rel: text.encode("utf-8") for rel, text in texts.items()}, **_files(entry)},
+                             digest)
+    entry.meta["files"] = {**texts, SIGNATURE_PATH: document} if document is not None else texts
     entry.meta["manifest_digest"] = digest
     _write_meta(entry)
     return digest
@@ -208,7 +271,7 @@ def create(recording: Any, meta: dict[str, Any], *, validate: bool = True, sign:
     """Stage a recording in the spool, claimed by this process until delivered or released.
 
     ``validate=False`` leaves the schema check of the manifest to the upload (off the call path);
-    ``sign=False`` leaves signing to :func:`complete`.
+    ``sign=False`` leaves signing to :func:`complete` (or :func:`seal`).
     """
     path = _writable_root() / meta["recording_id"]
     path.mkdir(parents=True, exist_ok=False)
@@ -216,8 +279,13 @@ def create(recording: Any, meta: dict[str, Any], *, validate: bool = True, sign:
     lock.acquire()  # a new folder: nobody else can hold it yet
     entry = SpoolEntry(path, meta, fresh=True, claim=lock)
     try:
-        meta["manifest_digest"] = stage(recording, entry.artifacts, validate=validate, sign=sign)
-        _write_meta(entry)
+        _write_files(recording, path, path)
+        meta["format"], (meta["files"], digest) = FORMAT, _texts(recording, validate=validate)
+        if sign:
+            _signed(entry, digest)  # writes meta.json, last
+        else:
+            meta["manifest_digest"] = digest
+            _write_meta(entry)
     except BaseException:
         lock.release()
         shutil.rmtree(path, ignore_errors=True)  # a half-staged entry would never be synced

@@ -253,7 +253,7 @@ def upload(client: Any, entry: spool.SpoolEntry) -> str:
     completed. No run is ever deleted.
     """
     meta = entry.meta
-    m = json.loads((entry.artifacts / tags.MANIFEST_PATH).read_text("utf-8"))
+    m = json.loads((spool.prepare_upload(entry) / tags.MANIFEST_PATH).read_text("utf-8"))
     experiment_id = _experiment_of(client, meta)
     try:
         found = None if entry.fresh else find_recording(client, experiment_id, entry.recording_id)
