@@ -295,7 +295,7 @@ def create(recording: Any, meta: dict[str, Any], *, validate: bool = True, sign:
 
 def _write_meta(entry: SpoolEntry) -> None:
     tmp = entry.path / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(entry.meta, indent=1, sort_keys=True), "utf-8")
+    tmp.write_text(json.dumps(entry.meta, sort_keys=True), "utf-8")  # json encodes in C only without indent
     os.replace(tmp, entry.path / META_FILE)
 
 
