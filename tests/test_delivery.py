@@ -250,6 +250,19 @@ class TestSpoolFormat:
         assert {tags.MANIFEST_PATH, tags.OUTPUTS_PATH, f"{tags.ARTIFACT_DIR}/{tags.REQUIREMENTS_FILE}"} <= set(by_age[True])
         assert list(spool.pending()) == []
 
+    def test_meta_naming_a_file_outside_the_run_is_refused(self, spooled: list[str], migrated_store: str) -> None:
+        entry = spool.claim(next(spool.pending()))
+        outside = entry.path.parent / "planted.txt"
+        entry.meta["files"]["../../planted.txt"] = "not a recording's file"
+        spool.release(entry, "edited")  # writes the edited meta
+        from repro_track import delivery
+
+        report = delivery.sync(tracking_uri=migrated_store)
+        assert [f["recording_id"] for f in report.failed] == [entry.recording_id]
+        assert "does not list a recording's files" in report.failed[0]["error"]
+        assert not outside.exists() and not (entry.path / spool.UPLOAD_DIR).exists()
+        assert len(report.uploaded) == 19
+
 
 class TestAdoption:
     """An upload interrupted midway is found by its recording id, adopted and finished; none is deleted."""
