@@ -263,6 +263,47 @@ class TestSpoolFormat:
         assert not outside.exists() and not (entry.path / spool.UPLOAD_DIR).exists()
         assert len(report.uploaded) == 19
 
+    def test_a_tree_left_by_an_interrupted_upload_is_built_again(self, spooled: list[str],
+                                                                 migrated_store: str) -> None:
+        from repro_track import delivery
+
+        entry = spool.claim(next(spool.pending()))
+        stray = spool.prepare_upload(entry) / tags.ARTIFACT_DIR / "stray.txt"
+        stray.write_text("left by a killed upload")
+        entry.claim.release()  # killed: the claim goes, the tree stays
+        report = delivery.sync(tracking_uri=migrated_store)
+        assert report.failed == [] and len(report.uploaded) == 20
+        run_id = next(u["run_id"] for u in report.uploaded if u["recording_id"] == entry.recording_id)
+        listed = [f.path for f in store.client_for(migrated_store).list_artifacts(run_id, tags.ARTIFACT_DIR)]
+        assert tags.MANIFEST_PATH in listed and f"{tags.ARTIFACT_DIR}/stray.txt" not in listed
+
+    def test_an_entry_of_a_newer_format_is_left_alone(self, spooled: list[str], migrated_store: str) -> None:
+        from repro_track import delivery
+
+        entry = spool.claim(next(spool.pending()))
+        entry.meta["format"] = spool.FORMAT + 1
+        spool.release(entry, "from the future")
+        report = delivery.sync(tracking_uri=migrated_store)
+        assert [f["recording_id"] for f in report.failed] == [entry.recording_id]
+        assert "newer repro-track" in report.failed[0]["error"] and entry.path.is_dir()
+
+    def test_a_completion_that_cannot_be_signed_is_kept_unsigned(
+            self, spooled: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from repro_track.manifest import Manifest
+        from repro_track.records import Recording
+
+        entry = spool.claim(next(spool.pending()))
+        staged = json.loads(entry.texts[tags.MANIFEST_PATH])
+        later = Recording(Manifest.from_dict(staged), [], [], "late==1.0\n", "diff --git a/x b/x\n")
+        monkeypatch.setenv("REPRO_TRACK_SIGNING_KEY", str(tmp_path / "no-such-key"))
+        with pytest.raises(Exception, match="no-such-key"):
+            spool.complete(entry, later)
+        on_disk = json.loads((entry.path / spool.META_FILE).read_text("utf-8"))
+        assert on_disk == entry.meta  # what is uploaded from memory or from disk is the same
+        assert entry.texts[f"{tags.ARTIFACT_DIR}/{tags.GIT_DIFF_FILE}"] == "diff --git a/x b/x\n"
+        assert tags.SIGNATURE_PATH not in entry.texts
+        spool.release(entry, "unsigned")
+
 
 class TestAdoption:
     """An upload interrupted midway is found by its recording id, adopted and finished; none is deleted."""

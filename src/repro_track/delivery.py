@@ -223,7 +223,7 @@ def _complete(job: _Job, recording: Future) -> None:
 
 
 def _seal(job: _Job) -> None:
-    """Upload the entry as it is on disk: signed (when a key is set) and with its own digest."""
+    """Upload the entry as staged: signed (when a key is set) and with its own digest."""
     digest = None
     try:
         digest = spool.seal(job.entry)

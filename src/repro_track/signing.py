@@ -1,8 +1,8 @@
 """Signed recordings: an Ed25519 signature over a run's manifest digest and every artifact's digest.
 
-With ``REPRO_TRACK_SIGNING_KEY`` set, staging a recording writes ``repro/signature.json`` beside the
+With ``REPRO_TRACK_SIGNING_KEY`` set, a recording is staged with ``repro/signature.json`` beside the
 manifest: the sha256 of each file in the artifact tree, the manifest digest, the key id and the
-signature over them. Reading a run back checks that signature against the public keys listed in
+signature over them (in the spool, inside the entry's meta.json until its tree is built for upload). Reading a run back checks that signature against the public keys listed in
 ``REPRO_TRACK_TRUSTED_KEYS`` and each digest against the downloaded files. The public key inside
 ``signature.json`` only names the signer: anyone can sign with a key of their own, so a run is
 trusted only when a key of the trusted list verifies it.
@@ -209,7 +209,8 @@ def tree_digests(root: Path) -> dict[str, str]:
 def sign_staged(artifacts: Path, manifest_digest: str) -> Path | None:
     """Sign a staged artifact tree when a signing key is configured; returns the signature file.
 
-    Called once at the end of staging (recordings and replays alike), after the last file is written.
+    Called once at the end of staging a replay's tree, after the last file is written (the spool
+    signs its entries with :func:`signature_for`).
     """
     if settings.SIGNING_KEY.get() is None:
         return None

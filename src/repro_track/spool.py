@@ -31,8 +31,8 @@ from typing import Any, Iterator
 
 from . import outputs, settings
 from .errors import StoreError
-from .tags import (ARTIFACT_DIR, GIT_DIFF_FILE, IMAGES_DIR, INPUTS_FILE, MANIFEST_FILE, MANIFEST_PATH,
-                   OUTPUTS_FILE, REQUIREMENTS_FILE, SIGNATURE_PATH)
+from .tags import (ARTIFACT_DIR, GIT_DIFF_FILE, IMAGES_DIR, INPUTS_FILE, MANIFEST_PATH, OUTPUTS_FILE,
+                   REQUIREMENTS_FILE, SIGNATURE_PATH)
 
 log = logging.getLogger(__name__)
 META_FILE = "meta.json"
@@ -44,8 +44,8 @@ UNFINISHED_AFTER_S = 3600.0  # an entry without meta.json this old was cut off w
 FORMAT = 2  # meta.json's "format": small files inside it, the tree built at upload (absent: artifacts/)
 UPLOAD_DIR = "upload"
 ARRAY_FILES = (OUTPUTS_FILE, INPUTS_FILE)  # beside meta.json, uploaded under repro/
-TEXT_PATHS = frozenset({MANIFEST_PATH, SIGNATURE_PATH, f"{ARTIFACT_DIR}/{REQUIREMENTS_FILE}",
-                        f"{ARTIFACT_DIR}/{GIT_DIFF_FILE}"})  # inside meta.json
+_REQUIREMENTS_PATH, _GIT_DIFF_PATH = f"{ARTIFACT_DIR}/{REQUIREMENTS_FILE}", f"{ARTIFACT_DIR}/{GIT_DIFF_FILE}"
+TEXT_PATHS = frozenset({MANIFEST_PATH, SIGNATURE_PATH, _REQUIREMENTS_PATH, _GIT_DIFF_PATH})  # in meta.json
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,16 @@ class SpoolEntry:
     def artifacts(self) -> Path:
         """The folder uploaded as the run's artifacts: built by :func:`prepare_upload` (or, in an
         entry staged before ``FORMAT`` 2, staged as such)."""
-        return self.path / (UPLOAD_DIR if self.meta.get("format") == FORMAT else "artifacts")
+        return self.path / (UPLOAD_DIR if _format(self) == FORMAT else "artifacts")
 
     @property
     def texts(self) -> dict[str, str]:
         """The small files of the run by artifact path (manifest, requirements, git diff, signature)."""
-        if self.meta.get("format") == FORMAT:
-            return self.meta["files"]
+        if _format(self) == FORMAT:
+            texts = self.meta.get("files")
+            if not isinstance(texts, dict):
+                raise StoreError(f"{self.path / META_FILE} does not list a recording's files")
+            return texts
         return {rel: (self.artifacts / rel).read_text("utf-8") for rel in sorted(TEXT_PATHS)
                 if (self.artifacts / rel).is_file()}
 
@@ -100,16 +103,15 @@ def stage(recording: Any, artifacts: Path, *, sign: bool = True) -> str:
 def _texts(recording: Any, *, validate: bool) -> tuple[dict[str, str], str]:
     """A recording's small files by artifact path, and its manifest digest."""
     text, digest = recording.manifest.serialise(validate=validate)
-    texts = {f"{ARTIFACT_DIR}/{MANIFEST_FILE}": text,
-             f"{ARTIFACT_DIR}/{REQUIREMENTS_FILE}": recording.requirements}
+    texts = {MANIFEST_PATH: text, _REQUIREMENTS_PATH: recording.requirements}
     if recording.git_diff:
-        texts[f"{ARTIFACT_DIR}/{GIT_DIFF_FILE}"] = recording.git_diff
+        texts[_GIT_DIFF_PATH] = recording.git_diff
     return texts, digest
 
 
 def _write_files(recording: Any, arrays: Path, images: Path) -> None:
-    """Write the arrays into ``arrays`` and the images under ``images/images`` (MLflow's log_image
-    layout: key = output name, step set)."""
+    """Write the arrays into the folder ``arrays``, and the image outputs into an ``images/`` folder
+    under ``images`` (in MLflow's log_image layout: key = output name, step set)."""
     if recording.outputs:
         # The manifest's records hold each output's digest, computed moments ago from the same arrays.
         described = {o["name"]: o["sha256"] for o in recording.manifest.outputs if o.get("sha256")}
@@ -138,13 +140,14 @@ def _files(entry: "SpoolEntry") -> dict[str, Path]:
 def prepare_upload(entry: "SpoolEntry") -> Path:
     """The claimed entry's artifact tree, ready to upload: built afresh in ``upload/`` (format 2:
     small files written out, arrays and images linked), or as staged (older entries)."""
-    if entry.meta.get("format") != FORMAT:
+    if _format(entry) != FORMAT:
         return entry.artifacts
-    texts = entry.meta.get("files")
-    if not isinstance(texts, dict) or not set(texts) <= TEXT_PATHS or MANIFEST_PATH not in texts:
+    texts = entry.texts
+    if not (set(texts) <= TEXT_PATHS and MANIFEST_PATH in texts and all(isinstance(t, str) for t in texts.values())):
         raise StoreError(f"{entry.path / META_FILE} does not list a recording's files")
     tree = entry.artifacts
-    shutil.rmtree(tree, ignore_errors=True)  # what an interrupted try left
+    if tree.exists():  # what an interrupted try left; should it not go, nothing is uploaded
+        shutil.rmtree(tree)
     for rel, content in [*texts.items(), *_files(entry).items()]:
         target = tree / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -153,19 +156,30 @@ def prepare_upload(entry: "SpoolEntry") -> Path:
             continue
         try:
             os.link(content, target)
+        except FileExistsError:
+            raise
         except OSError:  # a file system without hard links
             shutil.copyfile(content, target)
     return tree
+
+
+def _format(entry: "SpoolEntry") -> int | None:
+    """The entry's layout: FORMAT, or None for entries staged before formats were numbered."""
+    found = entry.meta.get("format")
+    if found not in (None, FORMAT):
+        raise StoreError(f"{entry.path} was staged by a newer repro-track (spool format {found!r}); "
+                         "upload it with that version")
+    return found
 
 
 def complete(entry: "SpoolEntry", recording: Any) -> str:
     """Bring a staged entry up to date with a recording completed after staging (its git state came
     later): its small files, the signature and the noted digest, in one replacement of meta.json.
     Returns the new manifest digest. A process killed before this leaves the staged manifest, which
-    says that git had not answered."""
+    says that git had not answered. Should signing fail, the completed files are kept unsigned and
+    the error raised."""
     texts, digest = _texts(recording, validate=False)
-    entry.meta["files"] = texts
-    return _signed(entry, digest)
+    return _signed(entry, texts, digest)
 
 
 def _ms(iso: str) -> int:
@@ -251,19 +265,27 @@ def _try_claim(path: Path) -> Any:
 def seal(entry: "SpoolEntry") -> str:
     """Sign a staged entry as it is and note its manifest's digest: for an entry staged to be
     completed later (see :func:`complete`) when that did not happen. Returns the digest."""
-    return _signed(entry, json.loads(entry.texts[MANIFEST_PATH])["manifest_digest"])
+    texts = entry.texts
+    return _signed(entry, texts, json.loads(texts[MANIFEST_PATH])["manifest_digest"])
 
 
-def _signed(entry: "SpoolEntry", digest: str) -> str:
-    """Sign the entry's files as they are now and note them, with the manifest digest, in its meta."""
+def _signed(entry: "SpoolEntry", texts: dict[str, str], digest: str) -> str:
+    """Note ``texts`` and the manifest digest in the entry's meta.json, signed with the entry's arrays
+    and images when a key is set. The entry's meta in memory changes only once meta.json has; if
+    signing fails, the texts are written unsigned and the error raised."""
     from .signing import signature_for
 
-    texts = {rel: text for rel, text in entry.meta["files"].items() if rel != SIGNATURE_PATH}
-    document = signature_for({**{rel: text.encode("utf-8") for rel, text in texts.items()}, **_files(entry)},
-                             digest)
-    entry.meta["files"] = {**texts, SIGNATURE_PATH: document} if document is not None else texts
-    entry.meta["manifest_digest"] = digest
-    _write_meta(entry)
+    texts = {rel: text for rel, text in texts.items() if rel != SIGNATURE_PATH}
+    meta = {**entry.meta, "files": texts, "manifest_digest": digest}
+    try:
+        document = signature_for({**{rel: text.encode("utf-8") for rel, text in texts.items()},
+                                  **_files(entry)}, digest)
+    except Exception:
+        _replace_meta(entry, meta)
+        raise
+    if document is not None:
+        meta["files"] = {**texts, SIGNATURE_PATH: document}
+    _replace_meta(entry, meta)
     return digest
 
 
@@ -280,12 +302,12 @@ def create(recording: Any, meta: dict[str, Any], *, validate: bool = True, sign:
     entry = SpoolEntry(path, meta, fresh=True, claim=lock)
     try:
         _write_files(recording, path, path)
-        meta["format"], (meta["files"], digest) = FORMAT, _texts(recording, validate=validate)
+        meta["format"] = FORMAT
+        texts, digest = _texts(recording, validate=validate)
         if sign:
-            _signed(entry, digest)  # writes meta.json, last
+            _signed(entry, texts, digest)  # writes meta.json, last
         else:
-            meta["manifest_digest"] = digest
-            _write_meta(entry)
+            _replace_meta(entry, {**meta, "files": texts, "manifest_digest": digest})
     except BaseException:
         lock.release()
         shutil.rmtree(path, ignore_errors=True)  # a half-staged entry would never be synced
@@ -293,10 +315,14 @@ def create(recording: Any, meta: dict[str, Any], *, validate: bool = True, sign:
     return entry
 
 
-def _write_meta(entry: SpoolEntry) -> None:
+def _replace_meta(entry: SpoolEntry, meta: dict[str, Any]) -> None:
+    """Write ``meta`` as the entry's meta.json (atomically), then make it the entry's meta in memory."""
     tmp = entry.path / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(entry.meta, sort_keys=True), "utf-8")  # json encodes in C only without indent
+    tmp.write_text(json.dumps(meta, sort_keys=True), "utf-8")  # json encodes in C only without indent
     os.replace(tmp, entry.path / META_FILE)
+    if meta is not entry.meta:
+        entry.meta.clear()
+        entry.meta.update(meta)
 
 
 def delivered(entry: SpoolEntry) -> None:
@@ -313,8 +339,10 @@ def delivered(entry: SpoolEntry) -> None:
 def release(entry: SpoolEntry, error: str) -> None:
     """The upload failed: leave the entry for ``repro-track sync``, noting why."""
     entry.meta["last_error"] = error[:2000]
+    if entry.meta.get("format") == FORMAT:  # built again, from the entry, by the next try
+        shutil.rmtree(entry.path / UPLOAD_DIR, ignore_errors=True)
     try:
-        _write_meta(entry)
+        _replace_meta(entry, entry.meta)
     except OSError:  # the folder went away; nothing left to keep
         log.debug("could not note the error in %s", entry.path, exc_info=True)
     finally:

@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from . import settings, signing, spool, tags
@@ -253,13 +254,14 @@ def upload(client: Any, entry: spool.SpoolEntry) -> str:
     completed. No run is ever deleted.
     """
     meta = entry.meta
-    m = json.loads((spool.prepare_upload(entry) / tags.MANIFEST_PATH).read_text("utf-8"))
+    tree = spool.prepare_upload(entry)
+    m = json.loads((tree / tags.MANIFEST_PATH).read_text("utf-8"))
     experiment_id = _experiment_of(client, meta)
     try:
         found = None if entry.fresh else find_recording(client, experiment_id, entry.recording_id)
         if found is not None and found.info.status != "RUNNING":
             return found.info.run_id
-        return _upload(client, entry, m, experiment_id, found)
+        return _upload(client, entry, tree, m, experiment_id, found)
     except Exception:
         forget_experiment(client, meta["experiment"])
         raise
@@ -278,7 +280,7 @@ def _experiment_of(client: Any, meta: dict[str, Any]) -> str:
     return experiment_id_for(client, meta["experiment"])
 
 
-def _upload(client: Any, entry: spool.SpoolEntry, m: dict[str, Any], experiment_id: str,
+def _upload(client: Any, entry: spool.SpoolEntry, tree: Path, m: dict[str, Any], experiment_id: str,
             adopted: Any = None) -> str:
     from mlflow.entities import Param, RunTag
 
@@ -291,11 +293,10 @@ def _upload(client: Any, entry: spool.SpoolEntry, m: dict[str, Any], experiment_
                  **meta.get("tags", {}), tags.SPOOL_ID: entry.recording_id}
     if meta.get("parent_run_id"):
         run_tags_[tags.MLFLOW_PARENT_RUN_ID] = meta["parent_run_id"]
-    signature = signing.check_tree(entry.artifacts)
+    signature = signing.check_tree(tree)
     if signature.signed and signature.key_id:
         run_tags_[tags.SIGNED_BY] = signature.key_id
-    images = full_images([p.relative_to(entry.artifacts).as_posix()
-                          for p in (entry.artifacts / tags.IMAGES_DIR).glob("*.png")])
+    images = full_images([p.relative_to(tree).as_posix() for p in (tree / tags.IMAGES_DIR).glob("*.png")])
     if images:  # staged in log_image's layout; this tag is the rest of what log_image does
         run_tags_[tags.MLFLOW_LOGGED_IMAGES] = "True"
     if adopted is None:
@@ -319,7 +320,7 @@ def _upload(client: Any, entry: spool.SpoolEntry, m: dict[str, Any], experiment_
                                         tags=note if start == 0 else []))
     # Straight to the run's artifact store: the client would look the run up again to find it.
     repo = artifact_repo(client, run)
-    _retry(lambda: repo.log_artifacts(str(entry.artifacts)))
+    _retry(lambda: repo.log_artifacts(str(tree)))
     _link_inputs(client, run_id, experiment_id, m)
     _retry(lambda: set_terminated(client, run_id, m["call"]["status"], _ms(m["call"]["ended_at"])))
     return run_id
