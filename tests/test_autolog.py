@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 import textwrap
 import uuid
 from pathlib import Path
@@ -84,7 +85,14 @@ class TestRecording:
             return capture_git(path)
 
         monkeypatch.setattr(git, "capture_git", held)
-        monkeypatch.chdir(Path(__file__).parent)  # the cell has no file: git is read where it runs
+        # The cell has no file: git is read where it runs, a repository of its own here (not this
+        # project's folder, where MLflow would also put the new experiment's ./mlruns).
+        notebook = tmp_path / "notebook"
+        notebook.mkdir()
+        (notebook / "analysis.txt").write_text("notes\n")
+        for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+            subprocess.run(["git", *args], cwd=notebook, check=True, capture_output=True)
+        monkeypatch.chdir(notebook)
         outcome = run_cell(model_dir / "tiny-ddim")["outcome"]
         release.set()
         run_id = outcome.wait(120)
