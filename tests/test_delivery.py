@@ -583,6 +583,42 @@ class TestGitAfterTheCall:
         assert m["manifest_digest"] == run.data.tags[tags.MANIFEST_DIGEST] == outcome.manifest_digest
         assert run.data.tags[tags.SIGNED_BY]  # signed after the git state was added, and it verifies
 
+    @pytest.mark.parametrize("sleep_s, start_after_s", [(0.0, 60.0), (1.0, 0.05)])
+    def test_git_starts_once_the_call_returned_or_ran_long_enough(
+            self, migrated_store: str, sleep_s: float, start_after_s: float, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A quick call returns before git starts (it does not share its milliseconds with git's
+        start); a long one has git started, and answered, during it."""
+        import numpy as np
+
+        from repro_track import recorder
+        from repro_track.capture import git
+
+        capture_git, started = git.capture_git, []
+
+        def noted(path: Any) -> Any:
+            started.append(time.monotonic())
+            return capture_git(path)
+
+        monkeypatch.setattr(git, "capture_git", noted)
+        monkeypatch.setattr(recorder, "GIT_START_AFTER_S", start_after_s)
+        ended = []
+
+        @repro_track.record(experiment="git-start")
+        def make() -> Any:
+            time.sleep(sleep_s)
+            ended.append(time.monotonic())
+            return np.arange(3.0)
+
+        begun = time.monotonic()
+        make()
+        assert time.monotonic() - begun < sleep_s + 30  # never waited for the start delay
+        outcome = repro_track.last_recording(make)
+        assert repro_track.flush(120) and outcome.run_id, outcome.error
+        [start] = started
+        assert (start > ended[0]) if sleep_s == 0 else (start < ended[0])
+        local = store.client_for(migrated_store).download_artifacts(outcome.run_id, tags.MANIFEST_PATH)
+        assert json.loads(Path(local).read_text("utf-8"))["git"]["commit"]  # answered either way
+
     def test_the_working_directory_removed_before_the_upload(self, migrated_store: str, held_git: Any,
                                                              tmp_path: Path, uploader: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,6 +78,23 @@ def _call_site(fn: Callable[..., Any]) -> dict[str, Any]:
     return info
 
 
+# git starts beside a call once the call has run this long, or once it has returned if sooner. A call
+# quicker than that does not share its few milliseconds with git's start (a thread that starts a
+# subprocess takes the caller's interpreter lock, and a core of a small machine, while it does); a
+# longer one has git's answer by its end, as before.
+GIT_START_AFTER_S = 0.005
+
+
+def _capture_git_when(go: threading.Event, caller: int, where: Path) -> Any:
+    """``capture_git(where)`` once ``go`` is set or GIT_START_AFTER_S has passed; at once when run in
+    the calling thread itself (a pool that takes no more work runs it there)."""
+    from .capture.git import capture_git
+
+    if threading.get_ident() != caller:
+        go.wait(GIT_START_AFTER_S)
+    return capture_git(where)
+
+
 class Recorder:
     """Holds a decorated function and its options; captures calls and logs them."""
 
@@ -102,36 +119,43 @@ class Recorder:
             return self.fn(*args, **kwargs)
         from .delivery import staging
 
+        returned = threading.Event()  # git may start (see GIT_START_AFTER_S)
         with staging():  # the delivery worker gives way to the call (see delivery.give_way)
-            result, error, recording = self.capture(args, kwargs, late_git=True)
-            if recording is not None:
-                self._local.outcome = self._log(recording)
+            try:
+                result, error, recording = self.capture(args, kwargs, late_git=True, git_go=returned)
+                if recording is not None:
+                    self._local.outcome = self._log(recording)
+            finally:
+                returned.set()
         if error is not None:
             raise error.with_traceback(error.__traceback__)
         return result
 
     def capture(self, args: tuple, kwargs: dict, *, kind: str = "record", replay_of: str | None = None,
-                late_git: bool = False) -> tuple[Any, Exception | None, Recording | None]:
+                late_git: bool = False, git_go: threading.Event | None = None
+                ) -> tuple[Any, Exception | None, Recording | None]:
         """Run the function and capture it; never raises what the function did not raise.
 
         ``late_git``: when git has not answered by the end of the call, return a recording without
-        its git state and a future of it with (``Recording.complete``) rather than wait.
+        its git state and a future of it with (``Recording.complete``) rather than wait; git then
+        starts once ``git_go`` is set (the caller has the recording) or ``GIT_START_AFTER_S`` passed.
         """
+        go = git_go or threading.Event()
         if self.options.deterministic:
             from .determinism import deterministic
 
             with deterministic():
-                return self._capture(args, kwargs, kind, replay_of, late_git)
-        return self._capture(args, kwargs, kind, replay_of, late_git)
+                return self._capture(args, kwargs, kind, replay_of, late_git, go)
+        return self._capture(args, kwargs, kind, replay_of, late_git, go)
 
     def _capture(self, args: tuple, kwargs: dict, kind: str, replay_of: str | None,
-                 late_git: bool = False) -> tuple[Any, Exception | None, Recording | None]:
+                 late_git: bool, git_go: threading.Event) -> tuple[Any, Exception | None, Recording | None]:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError:  # the call itself is wrong: let the function raise its own TypeError
             return self._call(args, kwargs) + (None,)
         try:
-            entry = self._enter(bound)
+            entry = self._enter(bound, git_go)
         except Exception as exc:  # capture is best effort; the generation must run regardless
             _warn(f"repro-track could not capture the call of {self.fn.__qualname__} ({exc!r}); "
                   "it runs unrecorded")
@@ -163,7 +187,7 @@ class Recorder:
 
     # ------------------------------------------------------------ capture at entry and exit
 
-    def _enter(self, bound: inspect.BoundArguments) -> dict[str, Any]:
+    def _enter(self, bound: inspect.BoundArguments, git_go: threading.Event) -> dict[str, Any]:
         from .capture import arguments, dispatch, envvars, pipelines, torch_state
 
         bound.apply_defaults()
@@ -172,7 +196,8 @@ class Recorder:
             "global_pipelines": {name: arguments.pipeline_identity(pipe)
                                  for name, pipe in pipelines.used_globals(self.fn).items()},
             "autocast": dispatch.autocast_state(),
-            "git": self._git_in_background(),
+            "git": self._git_in_background(git_go),
+            "git_go": git_go,
             "args": captured,
             "global": torch_state.global_rng_states(),
             "knobs": torch_state.determinism_knobs(),
@@ -181,12 +206,12 @@ class Recorder:
             "started": time.perf_counter(),
         }
 
-    def _git_in_background(self) -> Any:
-        """Start git capture now; its subprocess runs while the user's function does."""
-        from .capture.git import capture_git
-
+    def _git_in_background(self, go: threading.Event) -> Any:
+        """Git capture in a thread: its subprocess runs while the user's function does, from
+        ``GIT_START_AFTER_S`` into the call (or once ``go`` is set, if sooner)."""
         where = self._source_location()
-        return self._git_pool.submit(capture_git, where if where.exists() else Path.cwd())
+        return self._git_pool.submit(_capture_git_when, go, threading.get_ident(),
+                                     where if where.exists() else Path.cwd())
 
     def _source_location(self) -> Path:
         """Where the recorded code lives (its git state is recorded): the function's file."""
@@ -221,6 +246,8 @@ class Recorder:
         site = self._call_site()
         # git runs beside the call; a call quicker than git (a trivial one, a tiny model) need not wait
         git_later = late_git and not entry["git"].done()
+        if not git_later:
+            entry["git_go"].set()  # its answer is waited for here: git starts now if it has not
         env = environment(None, git_state=(no_git(GIT_PENDING), None) if git_later else entry["git"].result())
         knobs = entry["knobs"]
         knobs["cuda_used"] = torch_state.cuda_started()  # the call may have started CUDA
