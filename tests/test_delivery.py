@@ -587,7 +587,7 @@ class TestGitAfterTheCall:
     def test_git_starts_once_the_call_returned_or_ran_long_enough(
             self, migrated_store: str, sleep_s: float, start_after_s: float, monkeypatch: pytest.MonkeyPatch) -> None:
         """A quick call returns before git starts (it does not share its milliseconds with git's
-        start); a long one has git started, and answered, during it."""
+        start), and git starts right after; a long one has git started during it, after the delay."""
         import numpy as np
 
         from repro_track import recorder
@@ -614,10 +614,31 @@ class TestGitAfterTheCall:
         assert time.monotonic() - begun < sleep_s + 30  # never waited for the start delay
         outcome = repro_track.last_recording(make)
         assert repro_track.flush(120) and outcome.run_id, outcome.error
-        [start] = started
-        assert (start > ended[0]) if sleep_s == 0 else (start < ended[0])
+        [start] = [t for t in started if t >= begun]  # not a git of an earlier test's call
+        if sleep_s == 0:
+            assert ended[0] < start < ended[0] + 10  # after the call, not at the 60 s delay
+        else:
+            assert begun + start_after_s <= start < ended[0]
         local = store.client_for(migrated_store).download_artifacts(outcome.run_id, tags.MANIFEST_PATH)
         assert json.loads(Path(local).read_text("utf-8"))["git"]["commit"]  # answered either way
+
+    def test_a_call_waiting_for_its_upload_starts_git_at_once(self, migrated_store: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+        import numpy as np
+
+        from repro_track import recorder
+
+        monkeypatch.setattr(recorder, "GIT_START_AFTER_S", 60.0)
+        monkeypatch.setenv("REPRO_TRACK_DELIVERY", "sync")
+
+        @repro_track.record(experiment="git-sync")
+        def make() -> Any:
+            return np.arange(3.0)
+
+        begun = time.monotonic()
+        make()
+        outcome = repro_track.last_recording(make)
+        assert outcome.run_id and time.monotonic() - begun < 30  # not the 60 s start delay, nor a timeout
 
     def test_the_working_directory_removed_before_the_upload(self, migrated_store: str, held_git: Any,
                                                              tmp_path: Path, uploader: str,

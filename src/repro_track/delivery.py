@@ -546,6 +546,15 @@ def _uploader_mode() -> str:
         return "thread"
 
 
+def waits_for_upload() -> bool:
+    """Whether a recorded call waits for its own upload (``REPRO_TRACK_DELIVERY=sync``, or a
+    mistyped setting, which :func:`deliver` reads as sync too and warns about)."""
+    try:
+        return settings.DELIVERY.get() == "sync"
+    except ValueError:
+        return True
+
+
 def _mode() -> str:
     try:
         return settings.DELIVERY.get()

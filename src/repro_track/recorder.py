@@ -85,13 +85,13 @@ def _call_site(fn: Callable[..., Any]) -> dict[str, Any]:
 GIT_START_AFTER_S = 0.005
 
 
-def _capture_git_when(go: threading.Event, caller: int, where: Path) -> Any:
-    """``capture_git(where)`` once ``go`` is set or GIT_START_AFTER_S has passed; at once when run in
+def _capture_git_when(go: threading.Event, caller: int, deadline: float, where: Path) -> Any:
+    """``capture_git(where)`` once ``go`` is set or at ``deadline`` (monotonic); at once when run in
     the calling thread itself (a pool that takes no more work runs it there)."""
     from .capture.git import capture_git
 
     if threading.get_ident() != caller:
-        go.wait(GIT_START_AFTER_S)
+        go.wait(max(0.0, deadline - time.monotonic()))
     return capture_git(where)
 
 
@@ -117,13 +117,15 @@ class Recorder:
         self._local.outcome = None  # an unrecorded call must not leave the previous call's run behind
         if _disabled():
             return self.fn(*args, **kwargs)
-        from .delivery import staging
+        from .delivery import staging, waits_for_upload
 
         returned = threading.Event()  # git may start (see GIT_START_AFTER_S)
         with staging():  # the delivery worker gives way to the call (see delivery.give_way)
             try:
                 result, error, recording = self.capture(args, kwargs, late_git=True, git_go=returned)
                 if recording is not None:
+                    if waits_for_upload():  # the call waits for its upload, which waits for git
+                        returned.set()
                     self._local.outcome = self._log(recording)
             finally:
                 returned.set()
@@ -138,9 +140,12 @@ class Recorder:
 
         ``late_git``: when git has not answered by the end of the call, return a recording without
         its git state and a future of it with (``Recording.complete``) rather than wait; git then
-        starts once ``git_go`` is set (the caller has the recording) or ``GIT_START_AFTER_S`` passed.
+        starts once ``git_go`` is set (the caller has the recording) or ``GIT_START_AFTER_S`` into the
+        call. Without ``late_git`` the answer is waited for, and git starts at once.
         """
         go = git_go or threading.Event()
+        if not late_git:
+            go.set()
         if self.options.deterministic:
             from .determinism import deterministic
 
@@ -211,7 +216,7 @@ class Recorder:
         ``GIT_START_AFTER_S`` into the call (or once ``go`` is set, if sooner)."""
         where = self._source_location()
         return self._git_pool.submit(_capture_git_when, go, threading.get_ident(),
-                                     where if where.exists() else Path.cwd())
+                                     time.monotonic() + GIT_START_AFTER_S, where if where.exists() else Path.cwd())
 
     def _source_location(self) -> Path:
         """Where the recorded code lives (its git state is recorded): the function's file."""

@@ -63,7 +63,7 @@ def environment(source_path: Path | None, *, with_git: bool = True,
                 git_state: tuple[dict[str, Any], str | None] | None = None) -> Environment:
     """Everything about this process and machine that can change a call's output bits.
 
-    ``git_state`` is a ``capture_git`` result taken earlier (the recorder starts it at call entry
+    ``git_state`` is a ``capture_git`` result taken earlier (the recorder starts it during the call
     so that git's subprocess runs while the generation does).
     """
     from . import git, gpu

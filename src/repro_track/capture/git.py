@@ -2,7 +2,8 @@
 
 All state comes from one ``git status --porcelain=v2`` process, run in the work tree's root, plus
 ``git diff HEAD`` only when tracked files changed, so a clean tree costs a single subprocess and little
-Python beside the generation it runs with (the recorder starts it at call entry, in a thread). The
+Python beside the generation it runs with (the recorder starts it in a thread, 5 ms into the call or
+once a quicker call has been staged). The
 repository is found through GitPython, and its remote URL read, once per folder; both are kept while
 git would find the same repository from there with the same config. Nothing recorded names a place on
 this machine: the working-tree root is never stored, remotes that are local paths are dropped, and
