@@ -142,6 +142,15 @@ def migrated_store(_migrated_mlflow_db: Path, tmp_path: Path, tracking_uri: str)
     return tracking_uri
 
 
+def run_git(repo: Path, *args: str) -> str:
+    """git in ``repo`` with a fixed identity and none of the user's branch or signing settings; its
+    output, stripped."""
+    options = ["-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false", "-c", "user.name=Test",
+               "-c", "user.email=test@example.com"]
+    return subprocess.run(["git", *options, *args], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     import socket

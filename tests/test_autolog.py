@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import subprocess
 import textwrap
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import RecordedProject, clone_run
+from conftest import RecordedProject, clone_run, run_git
 
 import repro_track
 from repro_track import runs, store
@@ -90,8 +89,8 @@ class TestRecording:
         notebook = tmp_path / "notebook"
         notebook.mkdir()
         (notebook / "analysis.txt").write_text("notes\n")
-        for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
-            subprocess.run(["git", *args], cwd=notebook, check=True, capture_output=True)
+        for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+            run_git(notebook, *args)
         monkeypatch.chdir(notebook)
         outcome = run_cell(model_dir / "tiny-ddim")["outcome"]
         release.set()

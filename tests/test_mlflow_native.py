@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import repro_track
-from conftest import free_port, run_script, write_project
+from conftest import free_port, run_git, run_script, write_project
 from repro_track import delivery, spool, tags
 from repro_track.records import RecordingWarning
 
@@ -149,11 +149,6 @@ SCRIPT = '''
 '''
 
 
-def git(root: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false", *args], cwd=root,
-                   check=True, capture_output=True)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs the git executable")
 class TestContextTags:
@@ -161,13 +156,13 @@ class TestContextTags:
 
     def test_user_and_git_tags(self, migrated_store: str, client: Any, tmp_path: Path) -> None:
         project = write_project(tmp_path / "project", {"gen.py": SCRIPT})
-        git(project, "init", "-q")
-        git(project, "checkout", "-q", "-b", "feature/noise")
-        git(project, "config", "user.name", "Test User")
-        git(project, "config", "user.email", "test@example.com")
-        git(project, "remote", "add", "origin", "https://someone:s3cr3t-t0ken@example.com/org/proj.git")
-        git(project, "add", "gen.py")
-        git(project, "commit", "-q", "-m", "script")
+        run_git(project, "init", "-q")
+        run_git(project, "checkout", "-q", "-b", "feature/noise")
+        run_git(project, "config", "user.name", "Test User")
+        run_git(project, "config", "user.email", "test@example.com")
+        run_git(project, "remote", "add", "origin", "https://someone:s3cr3t-t0ken@example.com/org/proj.git")
+        run_git(project, "add", "gen.py")
+        run_git(project, "commit", "-q", "-m", "script")
         env = {**os.environ, "MLFLOW_TRACKING_URI": migrated_store, "REPRO_TRACK_DELIVERY": "sync",
                "LOGNAME": "ada", "USER": "ada"}
         env.pop("MLFLOW_TRACKING_USERNAME", None)

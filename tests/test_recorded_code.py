@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (RecordedProject, clone_run, recording_env, run_cli, run_script, stored_artifact,
+from conftest import (run_git, RecordedProject, clone_run, recording_env, run_cli, run_script, stored_artifact,
                       write_project)
 
 import repro_track
@@ -74,14 +73,6 @@ def draw(n: int):
     return torch.zeros(n)
 
 
-def git(repo: Path, *args: str) -> str:
-    """Run git in repo with a fixed identity; stdout."""
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-    done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True)
-    return done.stdout
-
-
 def edit(path: Path, old: str, new: str) -> None:
     text = path.read_text("utf-8")
     assert text.count(old) == 1
@@ -117,9 +108,9 @@ def history(tmp_path_factory) -> History:
     repo = write_project(root / "repo", {"helpers.py": HELPERS_PY, "proj.py": PROJ_PY,
                                          "record.py": RECORD_PY})
     (repo / ".gitignore").write_text("__pycache__/\nlocal_cfg.py\n", "utf-8")
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", ".")
-    git(repo, "commit", "-q", "-m", "C1")
+    run_git(repo, "init", "-q", "-b", "main")
+    run_git(repo, "add", ".")
+    run_git(repo, "commit", "-q", "-m", "C1")
     h = History(repo, f"sqlite:///{root / 'mlflow.db'}", root / "spool", {})
     h.runs["clean"] = h.record(root)
     edit(repo / "helpers.py", "x * FACTOR", "x * FACTOR * 3.0")
@@ -128,12 +119,12 @@ def history(tmp_path_factory) -> History:
     h.runs["signed"] = h.record(root, REPRO_TRACK_SIGNING_KEY=str(private))
     (repo / "helpers.py").write_text((repo / "helpers.py").read_text("utf-8") + SECRET_LINE, "utf-8")
     h.runs["secret"] = h.record(root)
-    git(repo, "checkout", "-q", "--", "helpers.py")
+    run_git(repo, "checkout", "-q", "--", "helpers.py")
     edit(repo / "proj.py", "generator=generator))", "generator=generator)) + 1.0")
-    git(repo, "commit", "-q", "-am", "C2: make adds 1")
+    run_git(repo, "commit", "-q", "-am", "C2: make adds 1")
     h.runs["c2"] = h.record(root)
     edit(repo / "helpers.py", "return x * FACTOR", "return x * FACTOR + 0.25")
-    git(repo, "commit", "-q", "-am", "C3: the helper adds 0.25")
+    run_git(repo, "commit", "-q", "-am", "C3: the helper adds 0.25")
     hook = repo / ".git" / "hooks" / "post-checkout"
     hook.write_text(f"#!/bin/sh\ntouch '{root / 'hook-ran'}'\n", "utf-8")
     hook.chmod(0o755)
@@ -159,7 +150,7 @@ class TestCodeIdentity:
         assert all(f["tracked"] for f in files.values())
         assert files["helpers.py"]["sha256"] == hashlib.sha256(helpers_at_first_commit(history)).hexdigest()
         assert (code["module_file"], code["diff_sha256"]) == ("proj.py", None)
-        assert code["commit"] == git(history.repo, "rev-list", "--max-parents=0", "HEAD").strip()
+        assert code["commit"] == run_git(history.repo, "rev-list", "--max-parents=0", "HEAD").strip()
 
     def test_dirty_run_records_the_diff_digest(self, history, tmp_path):
         m = manifest_of(history, history.runs["dirty"], tmp_path)
@@ -167,7 +158,7 @@ class TestCodeIdentity:
 
 
 def helpers_at_first_commit(h: History) -> bytes:
-    first = git(h.repo, "rev-list", "--max-parents=0", "HEAD").strip()
+    first = run_git(h.repo, "rev-list", "--max-parents=0", "HEAD").strip()
     return subprocess.run(["git", "show", f"{first}:helpers.py"], cwd=h.repo, capture_output=True,
                           check=True).stdout
 
@@ -178,9 +169,9 @@ class TestImportedFiles:
     def test_lists_project_modules_only(self, tmp_path, monkeypatch):
         root = write_project(tmp_path / "p", {"tracked_mod.py": "X = 1\n", "untracked_mod.py": "Y = 2\n",
                                               ".venv/lib/site-packages/installed_mod.py": "Z = 3\n"})
-        git(root, "init", "-q")
-        git(root, "add", "tracked_mod.py")
-        git(root, "commit", "-q", "-m", "x")
+        run_git(root, "init", "-q")
+        run_git(root, "add", "tracked_mod.py")
+        run_git(root, "commit", "-q", "-m", "x")
         monkeypatch.syspath_prepend(str(root / ".venv/lib/site-packages"))
         monkeypatch.syspath_prepend(str(root))
         for name in ("tracked_mod", "untracked_mod", "installed_mod"):
@@ -227,7 +218,7 @@ class TestRecordedCode:
         assert (report.expected, report.observed, report.ok) == ("exact", "exact", True)
         rebuilt = [r for r in report.reasons if "runs the recorded commit" in r]
         assert len(rebuilt) == 1 and "proj.py changed" in rebuilt[0] and "helpers.py changed" in rebuilt[0]
-        assert git(history.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+        assert run_git(history.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
         assert not (history.repo.parent / "hook-ran").exists()  # the user's git hooks stay unrun
 
     def test_current_code_runs_the_edit(self, history):
@@ -254,7 +245,7 @@ class TestRecordedCode:
     def test_unchanged_code_runs_in_place(self, history, tmp_path):
         m = manifest_of(history, history.runs["c2"], tmp_path)
         m["code"]["files"] = [f for f in m["code"]["files"] if f["path"] != "helpers.py"]
-        m["code"]["commit"] = git(history.repo, "rev-parse", "HEAD").strip()
+        m["code"]["commit"] = run_git(history.repo, "rev-parse", "HEAD").strip()
         assert plan_code(m, history.repo, None).mode == SAME
 
 
@@ -272,13 +263,13 @@ class TestRecordedDiff:
         report = do_replay(history, "dirty", apply_recorded_diff=True)
         assert (report.expected, report.observed) == ("exact", "exact")
         assert any("with the recorded uncommitted diff" in r for r in report.reasons)
-        assert git(history.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+        assert run_git(history.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
 
     def test_trusted_hook_applies_it(self, history):
         report = do_replay(history, "dirty", diff_trusted=True, dry_run=True)
         assert report.expected == "exact"
         assert any("recorded uncommitted diff (sha256" in line and "applied" in line for line in report.plan)
-        assert git(history.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+        assert run_git(history.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
 
     @pytest.mark.parametrize("trusted, expected", [pytest.param(True, "exact", id="trusted-signer"),
                                                    pytest.param(False, "close", id="unknown-signer")])
@@ -375,14 +366,14 @@ class TestCannotRebuild:
 def test_untracked_file_is_named(history, tmp_path):
     """An untracked module the call imported is recorded by digest and named when it differs."""
     clone = tmp_path / "clone"
-    git(tmp_path, "clone", "-q", str(history.repo), str(clone))
+    run_git(tmp_path, "clone", "-q", str(history.repo), str(clone))
     (clone / "local_cfg.py").write_text("FACTOR = 2.0\n", "utf-8")
     h = History(clone, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "spool", {})
     run_id = h.record(tmp_path)
     files = {f["path"]: f["tracked"] for f in manifest_of(h, run_id, tmp_path)["code"]["files"]}
     assert files == {"helpers.py": True, "proj.py": True, "record.py": True, "local_cfg.py": False}
     (clone / "local_cfg.py").write_text("FACTOR = 5.0\n", "utf-8")
-    git(clone, "commit", "-q", "--allow-empty", "-m", "later")
+    run_git(clone, "commit", "-q", "--allow-empty", "-m", "later")
     report = replay(run_id, tracking_uri=h.uri, project_dir=clone, log=False, dry_run=True)
     assert report.expected == "close"
     assert any("untracked source files changed since recording (local_cfg.py)" in r for r in report.reasons)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import recording_env, write_project
+from conftest import recording_env, run_git, write_project
 
 PKG = "rtk_testpkg"  # a name no index serves: it comes from the test's wheelhouse only
 VCS_PKG = "rtk_vcspkg"
@@ -23,12 +22,6 @@ def _wheel(wheelhouse: Path, name: str, version: str, factor: float) -> Path:
                                f"FACTOR = {factor!r}\n\n\ndef scale(x):\n    return x * FACTOR\n")
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
-                          env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-                               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}).stdout.strip()
-
-
 def _vcs_repo(root: Path) -> tuple[Path, str, str]:
     """A local git repository of a setuptools package, with two commits that scale differently."""
     repo = root / "vcs"
@@ -36,13 +29,13 @@ def _vcs_repo(root: Path) -> tuple[Path, str, str]:
     (repo / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n\n'
         f'[project]\nname = "{VCS_PKG}"\nversion = "0.1"\n', "utf-8")
-    _git(root, "init", "-q", str(repo))
+    run_git(root, "init", "-q", str(repo))
     commits = []
     for factor in (3.0, 5.0):
         (repo / VCS_PKG / "__init__.py").write_text(f"FACTOR = {factor!r}\n\n\ndef scale(x):\n    return x * FACTOR\n")
-        _git(repo, "add", "-A")
-        _git(repo, "commit", "-q", "-m", f"factor {factor}")
-        commits.append(_git(repo, "rev-parse", "HEAD"))
+        run_git(repo, "add", "-A")
+        run_git(repo, "commit", "-q", "-m", f"factor {factor}")
+        commits.append(run_git(repo, "rev-parse", "HEAD"))
     return repo, commits[0], commits[1]
 
 

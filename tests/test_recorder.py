@@ -9,7 +9,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import types
 import warnings
@@ -28,7 +27,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 import repro_track
-from conftest import free_port, run_cli, run_script, write_project
+from conftest import free_port, run_cli, run_git, run_script, write_project
 from repro_track import outputs, runs, tags, testing
 from repro_track.capture import gpu as gpu_capture
 from repro_track.capture import torch_state
@@ -656,11 +655,6 @@ if __name__ == "__main__":
 '''
 
 
-def git(root: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false", *args], cwd=root,
-                   check=True, capture_output=True)
-
-
 @pytest.fixture(scope="class")
 def script_run(tmp_path_factory: pytest.TempPathFactory, _migrated_mlflow_db: Path) -> dict[str, Any]:
     """A committed script in a git repository with credentials planted everywhere, run as __main__ once."""
@@ -668,12 +662,12 @@ def script_run(tmp_path_factory: pytest.TempPathFactory, _migrated_mlflow_db: Pa
 
     root = tmp_path_factory.mktemp("secrets")
     project = write_project(root / "project", {"gen.py": SCRIPT})
-    git(project, "init", "-q")
-    git(project, "config", "user.name", "Test User")
-    git(project, "config", "user.email", "test@example.com")
-    git(project, "remote", "add", "origin", f"https://user:{GITHUB_TOKEN}@github.com/x/y.git")
-    git(project, "add", "gen.py")
-    git(project, "commit", "-q", "-m", "script")
+    run_git(project, "init", "-q")
+    run_git(project, "config", "user.name", "Test User")
+    run_git(project, "config", "user.email", "test@example.com")
+    run_git(project, "remote", "add", "origin", f"https://user:{GITHUB_TOKEN}@github.com/x/y.git")
+    run_git(project, "add", "gen.py")
+    run_git(project, "commit", "-q", "-m", "script")
     (root / "mlflow.db").write_bytes(_migrated_mlflow_db.read_bytes())
     uri = f"sqlite:///{root / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items()

@@ -14,7 +14,6 @@ import json
 import random
 import shutil
 import string
-import subprocess
 import sys
 import textwrap
 import uuid
@@ -26,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import free_port
+from conftest import free_port, run_git
 from repro_track import scrub
 
 ALNUM = string.ascii_letters + string.digits
@@ -244,13 +243,6 @@ PROJECT_MODULE = '''
             raise RuntimeError(MESSAGE)
         return np.zeros(4, dtype=np.float32)
 '''
-
-
-def run_git(repo: Path, *args: str) -> str:
-    options = ["-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false", "-c", "user.name=Test",
-               "-c", "user.email=test@example.com"]
-    done = subprocess.run(["git", *options, *args], cwd=repo, check=True, capture_output=True, text=True)
-    return done.stdout.strip()
 
 
 def make_project(root: Path, module: str, remote: str) -> Path:

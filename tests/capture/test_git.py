@@ -11,18 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_git
 
 from repro_track.capture import git as git_capture
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git executable")
 
 TOKEN = "glpat-S3cr3tT0kenValue9876"
-
-
-def run_git(repo: Path, *args: str) -> str:
-    env_free = ["-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
-    result = subprocess.run(["git", *env_free, *args], cwd=repo, check=True, capture_output=True, text=True)
-    return result.stdout.strip()
 
 
 def make_repo(path: Path, *, commit: bool = True) -> Path:
