@@ -122,10 +122,10 @@ class Recorder:
         returned = threading.Event()  # git may start (see GIT_START_AFTER_S)
         with staging():  # the delivery worker gives way to the call (see delivery.give_way)
             try:
-                result, error, recording = self.capture(args, kwargs, late_git=True, git_go=returned)
+                # A call that waits for its upload waits for git too: it takes git's answer at once.
+                result, error, recording = self.capture(args, kwargs, late_git=not waits_for_upload(),
+                                                        git_go=returned)
                 if recording is not None:
-                    if waits_for_upload():  # the call waits for its upload, which waits for git
-                        returned.set()
                     self._local.outcome = self._log(recording)
             finally:
                 returned.set()

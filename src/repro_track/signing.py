@@ -2,7 +2,8 @@
 
 With ``REPRO_TRACK_SIGNING_KEY`` set, a recording is staged with ``repro/signature.json`` beside the
 manifest: the sha256 of each file in the artifact tree, the manifest digest, the key id and the
-signature over them (in the spool, inside the entry's meta.json until its tree is built for upload). Reading a run back checks that signature against the public keys listed in
+signature over them (in the spool, inside the entry's meta.json until its tree is built for upload).
+Reading a run back checks that signature against the public keys listed in
 ``REPRO_TRACK_TRUSTED_KEYS`` and each digest against the downloaded files. The public key inside
 ``signature.json`` only names the signer: anyone can sign with a key of their own, so a run is
 trusted only when a key of the trusted list verifies it.

@@ -84,7 +84,7 @@ class SpoolEntry:
         return self.meta["recording_id"]
 
 
-def stage(recording: Any, artifacts: Path, *, sign: bool = True) -> str:
+def stage(recording: Any, artifacts: Path) -> str:
     """Write a recording's artifact tree: repro/{manifest,outputs,inputs,requirements,git.diff}, images/.
 
     Returns the manifest digest. (Replays stage their recording so; the spool keeps fewer files.)"""
@@ -94,9 +94,9 @@ def stage(recording: Any, artifacts: Path, *, sign: bool = True) -> str:
     _write_files(recording, repro, artifacts)
     for rel, text in texts.items():
         (artifacts / rel).write_text(text, "utf-8")
-    if sign:
-        from .signing import sign_staged  # last: the signature covers every file written above
-        sign_staged(artifacts, digest)
+    from .signing import sign_staged  # last: the signature covers every file written above
+
+    sign_staged(artifacts, digest)
     return digest
 
 

@@ -254,14 +254,13 @@ def upload(client: Any, entry: spool.SpoolEntry) -> str:
     completed. No run is ever deleted.
     """
     meta = entry.meta
-    tree = spool.prepare_upload(entry)
-    m = json.loads((tree / tags.MANIFEST_PATH).read_text("utf-8"))
+    m = json.loads(entry.texts[tags.MANIFEST_PATH])
     experiment_id = _experiment_of(client, meta)
     try:
         found = None if entry.fresh else find_recording(client, experiment_id, entry.recording_id)
         if found is not None and found.info.status != "RUNNING":
             return found.info.run_id
-        return _upload(client, entry, tree, m, experiment_id, found)
+        return _upload(client, entry, spool.prepare_upload(entry), m, experiment_id, found)
     except Exception:
         forget_experiment(client, meta["experiment"])
         raise
